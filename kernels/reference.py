@@ -41,6 +41,7 @@ def wkv7_reference(
     B, T, H, K = k.shape
     V = v.shape[-1]
     dt = _compute_dtype(r)
+    out_dtype = v.dtype
     r, w, k, v, a, b = (x.to(dt) for x in (r, w, k, v, a, b))
     segments = _segments(T, B, cu_seqlens)
     state = _initial(initial_state, len(segments), H, K, V, r)
@@ -56,7 +57,7 @@ def wkv7_reference(
             out[row, t] = torch.einsum("hk,hkv->hv", scale * r[row, t], S)
         finals.append(S)
     final = torch.stack(finals) if output_final_state else None
-    return out.to(v.dtype), final
+    return out.to(out_dtype), final
 
 
 def wkv6_reference(
@@ -68,6 +69,7 @@ def wkv6_reference(
     B, T, H, K = k.shape
     V = v.shape[-1]
     dt = _compute_dtype(r)
+    out_dtype = v.dtype
     r, k, v, w, u = (x.to(dt) for x in (r, k, v, w, u))
     segments = _segments(T, B, cu_seqlens)
     state = _initial(initial_state, len(segments), H, K, V, r)
@@ -82,4 +84,4 @@ def wkv6_reference(
             S = w[row, t].exp()[:, :, None] * S + k[row, t][:, :, None] * v[row, t][:, None, :]
         finals.append(S)
     final = torch.stack(finals) if output_final_state else None
-    return out.to(v.dtype), final
+    return out.to(out_dtype), final
