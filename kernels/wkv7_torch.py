@@ -1,0 +1,154 @@
+"""Chunked pure-PyTorch WKV7 (any device, gradients by autograd). Derivation: DERIVATION.md.
+
+Shapes: B batch, T time, H heads, K = V = N channels, NC chunks of C tokens.
+The chunk helpers here (padding, packed sequences, the state scan) are shared with wkv6_torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK = 16
+
+
+def compute_dtype(*xs: Tensor) -> torch.dtype:
+    """float64 when any input is float64 (tests), else float32: states and sums are never narrower."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def to_chunks(x: Tensor, chunk: int) -> Tensor:
+    """[B, T, H, N] -> [B, H, NC, C, N], zero-padded at the end to whole chunks (at least one).
+
+    Zero padding is harmless for every WKV operand: log decay 0 keeps the state, k = b = 0 add nothing.
+    """
+    B, T, H, N = x.shape
+    nc = max(1, -(-T // chunk))
+    x = F.pad(x, (0, 0, 0, 0, 0, nc * chunk - T))
+    return x.view(B, nc, chunk, H, N).permute(0, 3, 1, 2, 4)
+
+
+def from_chunks(x: Tensor, T: int) -> Tensor:
+    """[B, H, NC, C, V] -> [B, T, H, V], dropping the padding."""
+    B, H, nc, C, V = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, V)[:, :T]
+
+
+def scan_chunks(P: Tensor, X: Tensor, S0: Tensor) -> tuple[Tensor, Tensor]:
+    """S_c = P_c S_{c-1} + X_c over the chunks; the only sequential part of the chunked form.
+
+    P: [B, H, NC, K, K] (or [B, H, NC, K, 1] for a diagonal P), X: [B, H, NC, K, V], S0: [B, H, K, V].
+    Returns the state entering every chunk [B, H, NC, K, V] and the final state [B, H, K, V].
+    """
+    diagonal = P.shape[-1] == 1
+    S, entering = S0, []
+    for c in range(X.shape[2]):
+        entering.append(S)
+        S = (P[:, :, c] * S if diagonal else P[:, :, c] @ S) + X[:, :, c]
+    return torch.stack(entering, dim=2), S
+
+
+def _packed_index(cu_seqlens: Tensor) -> tuple[Tensor, int, int]:
+    """Row of every packed token in a [n, T_max] padded layout (flattened), n, T_max."""
+    bounds = cu_seqlens.tolist()
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    t_max = max(lengths, default=0)
+    index = [i * t_max + t for i, n_i in enumerate(lengths) for t in range(n_i)]
+    return torch.tensor(index, dtype=torch.long, device=cu_seqlens.device), len(lengths), t_max
+
+
+def unpack(x: Tensor, index: Tensor, n: int, t_max: int) -> Tensor:
+    """Packed [1, T, H, N] -> padded [n, T_max, H, N] (zeros after each sequence's end)."""
+    _, _, H, N = x.shape
+    padded = x.new_zeros(n * t_max, H, N).index_copy(0, index, x[0])
+    return padded.view(n, t_max, H, N)
+
+
+def repack(y: Tensor, index: Tensor) -> Tensor:
+    """Padded [n, T_max, H, V] -> packed [1, T, H, V]."""
+    return y.flatten(0, 1)[index].unsqueeze(0)
+
+
+def run_packed(fn, tensors: list[Tensor], initial_state: Tensor | None,
+               cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Call fn(*tensors, initial_state) -> (o [B, T, H, V], s_T) as one padded batch per sequence.
+
+    Packed sequences become rows of a batch, each padded at its end; padding keeps the state, so
+    every row's final state is its sequence's, and the state resets at each start by construction.
+    """
+    if cu_seqlens is None:
+        return fn(*tensors, initial_state)
+    index, n, t_max = _packed_index(cu_seqlens)
+    o, s_T = fn(*(unpack(x, index, n, t_max) for x in tensors), initial_state)
+    return repack(o, index), s_T
+
+
+def _chunk_wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                S0: Tensor) -> tuple[Tensor, Tensor]:
+    """WKV7 on chunked inputs [B, H, NC, C, N] (compute dtype, r already scaled), S0 [B, H, K, V].
+
+    Returns o [B, H, NC, C, V] and the final state [B, H, K, V]. Equations: DERIVATION.md §WKV7.
+    """
+    C, K = w.shape[-2:]
+    g = w.cumsum(-2)                           # [B, H, NC, C, K] log decay, chunk start .. t
+    g_ex = g - w                               # .. t-1
+    g_last = g[..., -1:, :]                    # [B, H, NC, 1, K] whole chunk
+    g_ref = g[..., C // 2:C // 2 + 1, :]       # mid-chunk: |g - g_ref| <= C/2 * max|w|
+    a_t = a * (g_ex - g_ref).exp()             # query side of a_t^T S_{t-1}
+    r_t = r * (g - g_ref).exp()                # query side of S_t^T r_t
+    decay_in = (g_ref - g).exp()
+    bk_s = torch.stack([b * decay_in, k * decay_in], -3)        # [.., 2, C, K] key side, b and k
+    A_ab, A_ak = (a_t.unsqueeze(-3) @ bk_s.mT).tril(-1).unbind(-3)  # [.., C, C] pairs s < t
+    A_rb, A_rk = (r_t.unsqueeze(-3) @ bk_s.mT).tril(0).unbind(-3)   # [.., C, C] pairs s <= t
+    # sa = S^T a for every t of the chunk = W S0 + U (WY form): (I - A_ab) [W | U] = [a e^{g_ex} | A_ak v]
+    eye = torch.eye(C, dtype=w.dtype, device=w.device)
+    rhs = torch.cat([a * g_ex.exp(), A_ak @ v], -1)                  # [.., C, K + V]
+    W, U = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True).split(K, -1)
+    Q = r * g.exp() + A_rb @ W                 # [.., C, K]  o = Q S0 + O_in
+    O_in = A_rb @ U + A_rk @ v                 # [.., C, V]
+    decay_out = (g_last - g).exp()             # [.., C, K] from t to the chunk end
+    b_out, k_out = b * decay_out, k * decay_out
+    P = torch.diag_embed(g_last.squeeze(-2).exp()) + b_out.mT @ W    # [.., K, K] S_C = P S0 + X
+    X = b_out.mT @ U + k_out.mT @ v            # [.., K, V]
+    entering, S_T = scan_chunks(P, X, S0)
+    return O_in + Q @ entering, S_T
+
+
+def wkv7_torch(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+    *, scale: float = 1.0, initial_state: Tensor | None = None,
+    output_final_state: bool = False, cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """S_t = diag(e^{w_t}) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T;  o_t = S_t^T (scale r_t).
+
+    r, w, k, v, a, b: [B, T, H, N], w the log decay; initial_state [B or n_seqs, H, K, V].
+    Returns o [B, T, H, V] in v's dtype and, if asked, the final state [B or n_seqs, H, K, V]
+    in float32 (float64 for float64 inputs). Inputs are assumed valid (kernels.wkv7 checks them).
+    """
+    dt = compute_dtype(r, w, k, v, a, b)
+    H, N = r.shape[2:]
+
+    def run(r, w, k, v, a, b, s0):
+        B, T = r.shape[:2]
+        s0 = r.new_zeros(B, H, N, N, dtype=dt) if s0 is None else s0.to(dt)
+        r, w, k, v, a, b = (to_chunks(x.to(dt), CHUNK) for x in (r, w, k, v, a, b))
+        o, s_T = _chunk_wkv7(r * scale, w, k, v, a, b, s0)
+        return from_chunks(o, T), s_T
+
+    o, s_T = run_packed(run, [r, w, k, v, a, b], initial_state, cu_seqlens)
+    return o.to(v.dtype), (s_T if output_final_state else None)
+
+
+def wkv7_step_torch(
+    r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, state: Tensor,
+    *, scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """One token: r, w, k, v, a, b [B, H, N], state [B, H, K, V] -> (o [B, H, V] in v's dtype, new state)."""
+    dt = compute_dtype(r, w, k, v, a, b, state)
+    out_dtype = v.dtype
+    r, w, k, v, a, b, S = (x.to(dt) for x in (r, w, k, v, a, b, state))
+    sa = torch.einsum("bhk,bhkv->bhv", a, S)                 # a^T S, before the decay
+    S = w.exp()[..., None] * S + b[..., None] * sa[..., None, :] + k[..., None] * v[..., None, :]
+    o = torch.einsum("bhk,bhkv->bhv", scale * r, S)
+    return o.to(out_dtype), S
