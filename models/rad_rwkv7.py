@@ -1,0 +1,94 @@
+"""RAD-RWKV7 time mix (DESIGN §4): the teacher's q/k/v/o projections and RoPE feeding a WKV7
+recurrence with data-dependent decay, in-context learning rate and value residual.
+
+Shapes: B batch, T time, C model width, A = H_t * D attention width (= C for most teachers),
+H_t teacher heads of size D, H_kv teacher KV heads, H = A / N student heads of size N.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+from models.layers import LoRA, RMSNorm, apply_rope, repeat_kv
+
+if TYPE_CHECKING:
+    from models.student import StudentConfig, TeacherShape
+
+
+def decay_init(layer_id: int, n_layers: int, dim: int) -> Tensor:
+    """w0_n = -7 + 5 (n/(dim-1))^(0.85 + sqrt(l/(L-1))) + 0.5, [dim]; l/(L-1) = 0 when L = 1."""
+    ratio = layer_id / (n_layers - 1) if n_layers > 1 else 0.0
+    n = torch.arange(dim, dtype=torch.float64)
+    return -7 + 5 * (n / (dim - 1)) ** (0.85 + math.sqrt(ratio)) + 0.5
+
+
+class RadRWKV7(nn.Module):
+    """o = W_o(GroupNorm_H(WKV7(r, log w, k~, v, -kk, kk*a)) * g), r/k with the teacher's RoPE."""
+
+    def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
+        super().__init__()
+        C, D = shape.hidden_size, shape.head_dim
+        A = shape.num_heads * D
+        self.layer_id = layer_id
+        self.head_dim, self.head_size = D, cfg.head_size
+        self.n_rep = shape.num_heads // shape.num_kv_heads
+        self.backend = cfg.backend
+
+        self.q_proj = nn.Linear(C, A, bias=shape.qkv_bias)
+        self.k_proj = nn.Linear(C, shape.num_kv_heads * D, bias=shape.qkv_bias)
+        self.v_proj = nn.Linear(C, shape.num_kv_heads * D, bias=shape.qkv_bias)
+        self.o_proj = nn.Linear(A, C, bias=shape.o_bias)
+        self.q_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
+
+        self.w_lora = LoRA(C, cfg.w_lora, A, act=torch.tanh)
+        self.a_lora = LoRA(C, cfg.a_lora, A)
+        self.g_lora = LoRA(C, cfg.g_lora, A, act=torch.sigmoid, bias=False)
+        # layer 0 supplies v_first and mixes nothing into its own v
+        self.v_lora = LoRA(C, cfg.v_lora, A) if layer_id > 0 else None
+        with torch.no_grad():
+            self.w_lora.bias.copy_(decay_init(layer_id, shape.num_layers, A))
+            if self.v_lora is not None:
+                self.v_lora.bias.fill_(1.0)
+        self.k_k = nn.Parameter(torch.full((A,), 0.85))
+        self.k_a = nn.Parameter(torch.ones(A))
+        self.ln_x = nn.GroupNorm(A // cfg.head_size, A, eps=64e-5) if cfg.groupnorm else None
+
+    def rkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, C] -> r, k, v: [B, T, A], the teacher's q, k, v (+q/k norm, RoPE, GQA repeat)."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, D))  # [B, T, H_t, D]
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, D))  # [B, T, H_kv, D]
+        v = self.v_proj(x).view(B, T, -1, D)  # [B, T, H_kv, D]
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [B, T, H_t, D]
+        return q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
+                v_first: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C] normalized layer input; rope: (cos, sin) [1, T, D];
+        v_first: [B, T, A] layer 0's v (None in layer 0). Returns (o [B, T, C], v_first)."""
+        B, T, _ = x.shape
+        N = self.head_size
+        r, k, v = self.rkv(x, rope)  # [B, T, A]
+        log_w = -math.exp(-0.5) * torch.sigmoid(self.w_lora(x))  # decay e^{log w} in (0.545, 1)
+        a = torch.sigmoid(self.a_lora(x))  # in-context learning rate
+        g = self.g_lora(x)
+        kk = F.normalize((k * self.k_k).view(B, T, -1, N), dim=-1).view(B, T, -1)
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.v_lora is None:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v_lora(x))
+        heads = (t.view(B, T, -1, N) for t in (r, log_w, k, v, -kk, kk * a))  # [B, T, H, N]
+        y, _ = kernels.wkv7(*heads, backend=self.backend)
+        y = y.reshape(B, T, -1)  # [B, T, A]
+        y = self.ln_x(y.view(B * T, -1)).view(B, T, -1) if self.ln_x is not None else y / math.sqrt(N)
+        return self.o_proj(y * g), v_first
