@@ -1,0 +1,70 @@
+"""Training stages (DESIGN §3): what one `Trainer.fit` of the job trains, on what, for how long.
+
+A job runs its stages in order. Each stage is a plain record built from one entry of the
+config's `stages:` list; steps follow from the token budget and the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+LOSSES = ("align", "kl")
+TRAINABLE = ("time_mix", "all")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    loss: str  # "align": time-mix outputs vs teacher attention; "kl": full-model logits (+ hidden, CE)
+    tokens: int  # token budget of the stage (global, over all ranks)
+    seq_len: int
+    batch_size: int  # per device, per micro-step
+    lr: float
+    trainable: str = "all"
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    kl_weight: float = 1.0
+    hidden_weight: float = 0.0  # λ of the hidden-state alignment term
+    ce_weight: float = 0.0  # β of the cross-entropy term
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"stage {self.name!r}: loss={self.loss!r} is not one of {LOSSES}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"stage {self.name!r}: trainable={self.trainable!r} is not one of {TRAINABLE}")
+        for key in ("tokens", "seq_len", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"stage {self.name!r}: {key}={getattr(self, key)} must be positive")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"stage {self.name!r}: warmup_fraction={self.warmup_fraction} must be in [0, 1)")
+        if self.temperature <= 0:
+            raise ValueError(f"stage {self.name!r}: temperature={self.temperature} must be > 0")
+
+    def tokens_per_step(self, world_size: int, accumulate: int) -> int:
+        return self.batch_size * self.seq_len * world_size * accumulate
+
+    def steps(self, world_size: int = 1, accumulate: int = 1, cap: int | None = None) -> int:
+        """Optimizer steps that spend the token budget (at least 1), optionally capped."""
+        steps = max(1, math.ceil(self.tokens / self.tokens_per_step(world_size, accumulate)))
+        return min(steps, cap) if cap else steps
+
+
+def stages_from_config(entries: list[dict[str, Any]]) -> list[Stage]:
+    """Build stages from config entries; unknown keys are an error, not silently ignored."""
+    if not entries:
+        raise ValueError("the config's `stages:` list is empty: give at least one stage (see conf/stages/)")
+    known = {f.name for f in fields(Stage)}
+    stages = []
+    for entry in entries:
+        unknown = set(entry) - known
+        if unknown:
+            raise ValueError(f"stage {entry.get('name')!r}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
+        stages.append(Stage(**entry))
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+    return stages
