@@ -1,0 +1,97 @@
+"""Pieces shared by the WKV-6 and WKV-7 Triton kernels: input checks, the chunk layout of
+(packed) sequences, and small in-kernel helpers.
+
+Shapes: B batch, T time, H heads, K = V = N channels per head; BT chunk length, BV value block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+SUPPORTED_N = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_inputs(
+    name: str, seq: dict[str, Tensor], initial_state: Tensor | None, cu_seqlens: Tensor | None,
+) -> tuple[int, int, int, int, int]:
+    """Validate [B, T, H, N] inputs; returns (B, T, H, N, number of sequences)."""
+    first = next(iter(seq.values()))
+    if first.dim() != 4:
+        raise ValueError(f"{name}: inputs must be [B, T, H, N], got shape {tuple(first.shape)}")
+    B, T, H, N = first.shape
+    for key, x in seq.items():
+        if x.shape != first.shape:
+            raise ValueError(f"{name}: {key} has shape {tuple(x.shape)}, expected {tuple(first.shape)}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}: {key} has dtype {x.dtype}; valid: bfloat16, float16, float32")
+    if N not in SUPPORTED_N:
+        raise ValueError(f"{name}: head size N={N} is not served by the Triton kernels; valid: {SUPPORTED_N}")
+    n_seq = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"{name}: cu_seqlens needs batch size 1 (packed sequences), got B={B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != T:
+            raise ValueError(f"{name}: cu_seqlens must be [n+1] offsets ending at T={T}, got {cu_seqlens.tolist()}")
+        n_seq = cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (n_seq, H, N, N):
+        raise ValueError(f"{name}: initial_state has shape {tuple(initial_state.shape)}, expected {(n_seq, H, N, N)}")
+    return B, T, H, N, n_seq
+
+
+def chunk_layout(T: int, n_seq: int, cu_seqlens: Tensor | None, BT: int) -> tuple[Tensor | None, int]:
+    """Index of each sequence's first chunk ([n_seq + 1] int32, None when not packed) and the chunk count."""
+    if cu_seqlens is None:
+        return None, n_seq * triton.cdiv(T, BT)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    chunks = torch.cat([lens.new_zeros(1), torch.cumsum((lens + BT - 1) // BT, 0)])
+    return chunks.to(torch.int32), int(chunks[-1])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE dots (tf32 alone misses the 1e-4 contract); half inputs tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_v(N: int) -> int:
+    """Value-block width: each program owns V columns [i_v*BV, (i_v+1)*BV) of the state."""
+    return min(N, 64)
+
+
+@triton.jit
+def seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(first token, one past the last token, index of the first chunk) of sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, eos, c0
+
+
+@triton.jit
+def unit_tril_inverse(b_A, BT: tl.constexpr, LOG2_BT: tl.constexpr):
+    """(I - A)^{-1} for strictly lower-triangular A [BT, BT].
+
+    A is nilpotent (A^BT = 0), so (I - A)^{-1} = (I + A)(I + A^2)(I + A^4)...(I + A^{BT/2}):
+    2 log2(BT) - 2 small matrix products instead of a serial row-by-row substitution.
+    """
+    o_t = tl.arange(0, BT)
+    b_P = (o_t[:, None] == o_t[None, :]).to(tl.float32) + b_A  # [BT, BT]
+    b_Ap = b_A
+    for _ in tl.static_range(LOG2_BT - 1):
+        b_Ap = tl.dot(b_Ap, b_Ap, input_precision="ieee")
+        b_P = b_P + tl.dot(b_P, b_Ap, input_precision="ieee")
+    return b_P
+
+
+@triton.jit
+def reverse_cumsum(b_x):
+    """y_t = sum_{s >= t} x_s along axis 0."""
+    return tl.sum(b_x, axis=0)[None, :] - tl.cumsum(b_x, axis=0) + b_x
