@@ -61,6 +61,62 @@ def block_v(N: int) -> int:
     return min(N, 64)
 
 
+def reduce_parts(part: Tensor, dtype: torch.dtype) -> Tensor:
+    """Sum the per-value-block partial gradients [NV, ...] and cast to the input dtype."""
+    return (part[0] if part.shape[0] == 1 else part.sum(0)).to(dtype)
+
+
+@triton.jit
+def chunk_ptrs(x, bos, eos, i_h, i_t, i_d, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Pointers [BT, BD] to rows [i_t*BT, (i_t+1)*BT) and columns [i_d*BD, (i_d+1)*BD) of head i_h
+    of the sequence [bos, eos) in a [*, H, D] tensor, and the mask of rows before eos."""
+    o_t = bos + i_t * BT + tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    return x + (o_t[:, None] * H + i_h) * D + o_d[None, :], (o_t < eos)[:, None]
+
+
+@triton.jit
+def load_chunk(x, bos, eos, i_h, i_t, i_d, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """fp32 [BT, BD] block of a [*, H, D] tensor; zero past eos."""
+    p_x, m_x = chunk_ptrs(x, bos, eos, i_h, i_t, i_d, H, D, BT, BD)
+    return tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_chunk(x, b_x, bos, eos, i_h, i_t, i_d, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                 BD: tl.constexpr):
+    p_x, m_x = chunk_ptrs(x, bos, eos, i_h, i_t, i_d, H, D, BT, BD)
+    tl.store(p_x, b_x.to(p_x.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def state_ptr(s, i_s, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+    """Pointers [K, BV] to columns [i_v*BV, (i_v+1)*BV) of state number i_s in a [*, K, V] tensor."""
+    return s + i_s.to(tl.int64) * K * V + tl.arange(0, K)[:, None] * V + i_v * BV + tl.arange(0, BV)[None, :]
+
+
+@triton.jit
+def chunk_decays(b_w):
+    """Decay factors of one chunk from its log decays b_w [BT, K] (padded rows have w = 0).
+
+    g = cumsum(w) - ref with ref = g_BT / 2, so every factor that grows stays within half the
+    chunk's total log decay (RWKV-6 at w = -5 with BT = 16: e^{+-40}, far inside fp32).
+    Returns e^{g_BT} [K] and, each [BT, K]: e^{g}, e^{g - w} (exclusive: a_t meets S_{t-1}), e^{-g},
+    the same two measured from the chunk start (e^{G}, e^{G - w}), and e^{G_BT - G} to the chunk end.
+    """
+    b_G = tl.cumsum(b_w, axis=0)  # [BT, K] inclusive log decay from the chunk start
+    b_Gl = tl.sum(b_w, axis=0)  # [K]
+    b_g = b_G - 0.5 * b_Gl[None, :]
+    return (tl.exp(b_Gl), tl.exp(b_g), tl.exp(b_g - b_w), tl.exp(-b_g), tl.exp(b_G), tl.exp(b_G - b_w),
+            tl.exp(b_Gl[None, :] - b_G))
+
+
+@triton.jit
+def intra(b_x, b_y, m, PREC: tl.constexpr):
+    """[BT, BT] masked x y^T."""
+    return tl.where(m, tl.dot(b_x, tl.trans(b_y), input_precision=PREC), 0.0)
+
+
 @triton.jit
 def seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(first token, one past the last token, index of the first chunk) of sequence i_n."""
