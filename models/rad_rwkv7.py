@@ -90,5 +90,5 @@ class RadRWKV7(nn.Module):
         heads = (t.view(B, T, -1, N) for t in (r, log_w, k, v, -kk, kk * a))  # [B, T, H, N]
         y, _ = kernels.wkv7(*heads, backend=self.backend)
         y = y.reshape(B, T, -1)  # [B, T, A]
-        y = self.ln_x(y.view(B * T, -1)).view(B, T, -1) if self.ln_x is not None else y / math.sqrt(N)
+        y = self.ln_x(y.reshape(B * T, -1)).view(B, T, -1) if self.ln_x is not None else y / math.sqrt(N)
         return self.o_proj(y * g), v_first
