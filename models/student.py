@@ -186,11 +186,12 @@ class StudentLM(nn.Module):
 
 
 def build_student(teacher: nn.Module, cfg: StudentConfig) -> StudentLM:
-    """A StudentLM initialized from a HF Llama-family causal LM; its parameters are copies (in
-    the teacher's dtype, lm_head untied) and the teacher is left untouched."""
+    """A StudentLM initialized from a HF Llama-family causal LM; its parameters are copies (lm_head
+    untied) and the teacher is left untouched. They are trained, so they are float32 even for a
+    bf16/fp16 teacher (the copy is exact); a float64 teacher gives a float64 student."""
     shape = TeacherShape.of(teacher)
     cfg = resolve(cfg, shape)
-    dtype = teacher.model.embed_tokens.weight.dtype
+    dtype = torch.promote_types(teacher.model.embed_tokens.weight.dtype, torch.float32)
     student = StudentLM(shape, cfg, copy.deepcopy(teacher.model.rotary_emb)).to(dtype)
     loaded = student.load_state_dict(teacher_state(teacher), strict=False)
     if loaded.unexpected_keys:

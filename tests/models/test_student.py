@@ -94,6 +94,15 @@ def test_copied_modules_equal_teacher_and_share_nothing(model_type):
     assert all(p.dtype == torch.float64 for p in student.parameters())
 
 
+def test_bf16_teacher_gives_an_exact_float32_copy():
+    teacher = make_teacher(dtype=torch.bfloat16)
+    student = build_student(teacher, StudentConfig())
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert torch.equal(student.layers[1].mlp.up_proj.weight,
+                       teacher.model.layers[1].mlp.up_proj.weight.float())
+    assert student(torch.randint(0, 61, (1, 5))).last_hidden.dtype == torch.float32
+
+
 def test_rope_uses_the_teacher_theta():
     teacher = make_teacher("qwen2", rope_parameters={"rope_type": "default", "rope_theta": 123.0})
     student = build_student(teacher, StudentConfig())
