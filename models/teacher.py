@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from models.llama2c import load_llama2c
+
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,8 +57,6 @@ def _freeze(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def _load_llama2c_teacher(path: Path, tokenizer: str | None):
-    from models.llama2c import load_llama2c
-
     if tokenizer is None:
         raise ValueError(
             f"llama2.c checkpoint {str(path)!r} needs its tokenizer: pass tokenizer=<path to the "
