@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,7 +254,7 @@ class Llama2cTokenizer:
             push(i)
         return [ids[i] for i in range(len(ids)) if syms[i] is not None]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """run.c decode: byte tokens become raw bytes, and the leading space of a piece that follows
         BOS is dropped. As in sentencepiece, so is that of the first piece: it is the space encode()
         prepends, which makes decode(encode(s)) == s."""
