@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from models.layers import GatedMLP, RMSNorm
 from models.rad_rwkv7 import RadRWKV7
+from models.teacher import check_teacher_family
 
 TIME_MIX: dict[str, type[nn.Module]] = {"rad_rwkv7": RadRWKV7}
 
@@ -61,6 +62,7 @@ class TeacherShape:
     def of(cls, teacher: nn.Module) -> TeacherShape:
         """Read from a HF Llama-family causal LM (llama, qwen2, qwen3, mistral)."""
         c = teacher.config
+        check_teacher_family(c)  # others may share key names but not the math (e.g. Gemma's 1 + w norms)
         layer = teacher.model.layers[0]
         attn = layer.self_attn
         return cls(
@@ -196,7 +198,7 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> StudentLM:
     loaded = student.load_state_dict(teacher_state(teacher), strict=False)
     if loaded.unexpected_keys:
         raise ValueError(f"teacher {type(teacher).__name__} has weights the student cannot hold: "
-                         f"{loaded.unexpected_keys[:5]}; supported: llama, qwen2, qwen3, mistral")
+                         f"{loaded.unexpected_keys[:5]}")
     assert all(".time_mix." in key for key in loaded.missing_keys), loaded.missing_keys
     return student.to(teacher.model.embed_tokens.weight.device)
 

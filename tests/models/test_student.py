@@ -69,9 +69,10 @@ def test_qwen2_biases_and_qwen3_norms_are_copied():
     assert torch.equal(q3.k_norm.weight, q3_teacher.model.layers[1].self_attn.k_norm.weight)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_copied_modules_equal_teacher_and_share_nothing(model_type):
-    teacher = make_teacher(model_type)
+@pytest.mark.parametrize("model_type,extra", [(m, {}) for m in FAMILIES]
+                         + [("llama", {"attention_bias": True, "mlp_bias": True})])
+def test_copied_modules_equal_teacher_and_share_nothing(model_type, extra):
+    teacher = make_teacher(model_type, **extra)
     student = build_student(teacher, StudentConfig())
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     ids = torch.randint(0, 61, (2, 5))
@@ -143,6 +144,18 @@ def test_invalid_head_size_raises(bad):
 def test_unknown_time_mix_raises():
     with pytest.raises(ValueError, match="time_mix='rwkv99'.*rad_rwkv7"):
         build_student(make_teacher(dtype=torch.float32), StudentConfig(time_mix="rwkv99"))
+
+
+def test_unsupported_teacher_family_raises():
+    with pytest.raises(ValueError, match="model_type='gemma'"):
+        build_student(make_teacher("gemma", dtype=torch.float32), StudentConfig())
+
+
+def test_teacher_weights_without_a_place_in_the_student_raise():
+    teacher = make_teacher(dtype=torch.float32)
+    teacher.model.layers[0].self_attn.register_parameter("sinks", torch.nn.Parameter(torch.zeros(4)))
+    with pytest.raises(ValueError, match=r"layers\.0\.time_mix\.sinks"):
+        build_student(teacher, StudentConfig())
 
 
 def test_time_mix_outputs_equal_running_each_layer():
