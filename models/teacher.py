@@ -66,6 +66,9 @@ def _load_llama2c_teacher(path: Path, tokenizer: str | None):
 
 
 def _load_hf_teacher(path: str, tokenizer: str | None, dtype: torch.dtype):
+    if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"teacher folder {path!r} has no config.json: expected a Hugging Face model "
+                                "folder (config.json, weights, tokenizer files)")
     check_teacher_family(AutoConfig.from_pretrained(path))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
     return model, AutoTokenizer.from_pretrained(tokenizer or path)

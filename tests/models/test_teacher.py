@@ -150,6 +150,8 @@ def test_load_teacher_errors(tmp_path):
     for missing in [tmp_path / "nope", "./nope", "nope", tmp_path / "org" / "model.bin", "org/model.bin"]:
         with pytest.raises(FileNotFoundError, match=f"teacher '{missing}' not found"):
             load_teacher(str(missing))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_teacher(str(tmp_path))
 
 
 def test_hub_ids_go_to_the_hub_loader(monkeypatch):
