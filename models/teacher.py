@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -74,12 +75,15 @@ def _load_hf_teacher(path: str, tokenizer: str | None, dtype: torch.dtype):
     return model, AutoTokenizer.from_pretrained(tokenizer or path)
 
 
-def load_teacher(path: str | Path, *, tokenizer: str | None = None, dtype: str = "float32"):
+def load_teacher(
+    path: str | Path, *, tokenizer: str | None = None, dtype: str = "float32"
+) -> tuple[PreTrainedModel, Any]:
     """Load a frozen teacher and its tokenizer.
 
     `path` is a llama2.c checkpoint file (then `tokenizer` is its tokenizer .bin, required), a
     local Hugging Face folder, or a hub id "org/name". Returns (model, tokenizer) with the model
-    in eval mode, every parameter requires_grad False, weights in `dtype`.
+    in eval mode, every parameter requires_grad False, weights in `dtype`. The tokenizer is an HF
+    tokenizer or a `Llama2cTokenizer`: both meet the protocol of docs/architecture.md.
     """
     torch_dtype = _torch_dtype(dtype)
     local = Path(path).expanduser()
