@@ -15,13 +15,17 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kernels.wkv6_torch import wkv6_step_torch, wkv6_torch
-from kernels.wkv7_torch import wkv7_step_torch, wkv7_torch
+# Imported as modules so that `kernels.wkv7_torch` stays the module, not its function.
+from kernels import wkv6_torch as _wkv6_torch
+from kernels import wkv7_torch as _wkv7_torch
 
 __all__ = ["wkv7", "wkv6", "wkv7_step", "wkv6_step"]
 
 BACKENDS = ("auto", "torch", "triton")
-_TORCH = {"wkv7": wkv7_torch, "wkv6": wkv6_torch, "wkv7_step": wkv7_step_torch, "wkv6_step": wkv6_step_torch}
+_TORCH = {
+    "wkv7": _wkv7_torch.wkv7_torch, "wkv6": _wkv6_torch.wkv6_torch,
+    "wkv7_step": _wkv7_torch.wkv7_step_torch, "wkv6_step": _wkv6_torch.wkv6_step_torch,
+}
 
 
 @lru_cache(maxsize=None)

@@ -26,7 +26,7 @@ def to_chunks(x: Tensor, chunk: int) -> Tensor:
     B, T, H, N = x.shape
     nc = max(1, -(-T // chunk))
     x = F.pad(x, (0, 0, 0, 0, 0, nc * chunk - T))
-    return x.view(B, nc, chunk, H, N).permute(0, 3, 1, 2, 4)
+    return x.view(B, nc, chunk, H, N).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def from_chunks(x: Tensor, T: int) -> Tensor:
@@ -43,9 +43,10 @@ def scan_chunks(P: Tensor, X: Tensor, S0: Tensor) -> tuple[Tensor, Tensor]:
     """
     diagonal = P.shape[-1] == 1
     S, entering = S0, []
-    for c in range(X.shape[2]):
+    # chunk-major and contiguous: each step's matmul reads dense blocks; unbind's backward is one stack
+    for P_c, X_c in zip(P.movedim(2, 0).contiguous().unbind(0), X.movedim(2, 0).contiguous().unbind(0)):
         entering.append(S)
-        S = (P[:, :, c] * S if diagonal else P[:, :, c] @ S) + X[:, :, c]
+        S = (P_c * S if diagonal else P_c @ S) + X_c
     return torch.stack(entering, dim=2), S
 
 
@@ -98,13 +99,14 @@ def _chunk_wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
     a_t = a * (g_ex - g_ref).exp()             # query side of a_t^T S_{t-1}
     r_t = r * (g - g_ref).exp()                # query side of S_t^T r_t
     decay_in = (g_ref - g).exp()
-    bk_s = torch.stack([b * decay_in, k * decay_in], -3)        # [.., 2, C, K] key side, b and k
-    A_ab, A_ak = (a_t.unsqueeze(-3) @ bk_s.mT).tril(-1).unbind(-3)  # [.., C, C] pairs s < t
-    A_rb, A_rk = (r_t.unsqueeze(-3) @ bk_s.mT).tril(0).unbind(-3)   # [.., C, C] pairs s <= t
+    b_s, k_s = b * decay_in, k * decay_in      # key side
+    A_ab, A_ak = (a_t @ b_s.mT).tril(-1), (a_t @ k_s.mT).tril(-1)  # [.., C, C] pairs s < t
+    A_rb, A_rk = (r_t @ b_s.mT).tril(0), (r_t @ k_s.mT).tril(0)    # [.., C, C] pairs s <= t
     # sa = S^T a for every t of the chunk = W S0 + U (WY form): (I - A_ab) [W | U] = [a e^{g_ex} | A_ak v]
     eye = torch.eye(C, dtype=w.dtype, device=w.device)
     rhs = torch.cat([a * g_ex.exp(), A_ak @ v], -1)                  # [.., C, K + V]
-    W, U = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True).split(K, -1)
+    WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
+    W, U = (x.contiguous() for x in WU.split(K, -1))  # strided views make CPU bmm backward copy per matrix
     Q = r * g.exp() + A_rb @ W                 # [.., C, K]  o = Q S0 + O_in
     O_in = A_rb @ U + A_rk @ v                 # [.., C, V]
     decay_out = (g_last - g).exp()             # [.., C, K] from t to the chunk end
