@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from distill.data.sources import Source
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -106,7 +108,7 @@ class TokenStream:
         return np.memmap(self.path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
 
 
-def token_cache_dir(cache_dir: str | Path, source: Any, tokenizer: Any) -> Path:
+def token_cache_dir(cache_dir: str | Path, source: Source, tokenizer: Any) -> Path:
     """cache_dir/<sha of the source fingerprint>-<tokenizer fingerprint>"""
     return Path(cache_dir) / f"{_sha(source.fingerprint())[:16]}-{tokenizer_fingerprint(tokenizer)}"
 
@@ -122,7 +124,7 @@ def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
         tmp.unlink(missing_ok=True)
 
 
-def _write_stream(path: Path, source: Any, split: str, tokenizer: Any, dtype: np.dtype) -> int:
+def _write_stream(path: Path, source: Source, split: str, tokenizer: Any, dtype: np.dtype) -> int:
     count = 0
     with open(path, "wb") as f:
         for tokens in packed_batches(source.documents(split), tokenizer):
@@ -133,7 +135,7 @@ def _write_stream(path: Path, source: Any, split: str, tokenizer: Any, dtype: np
     return count
 
 
-def _check_meta(meta: dict, meta_path: Path, source: Any, tokenizer: Any) -> None:
+def _check_meta(meta: dict, meta_path: Path, source: Source, tokenizer: Any) -> None:
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer):
         raise ValueError(
             f"token cache {meta_path.parent} was built with tokenizer {meta['tokenizer']!r} "
@@ -148,7 +150,7 @@ def _check_meta(meta: dict, meta_path: Path, source: Any, tokenizer: Any) -> Non
         )
 
 
-def load_stream(directory: Path, split: str, source: Any, tokenizer: Any) -> TokenStream | None:
+def load_stream(directory: Path, split: str, source: Source, tokenizer: Any) -> TokenStream | None:
     """The cached stream of `split` in `directory`, None when absent; ValueError when it was
     made by another tokenizer or from another source."""
     meta_path, bin_path = directory / f"{split}.json", directory / f"{split}.bin"
@@ -162,7 +164,7 @@ def load_stream(directory: Path, split: str, source: Any, tokenizer: Any) -> Tok
     return stream
 
 
-def build_stream(directory: Path, split: str, source: Any, tokenizer: Any) -> TokenStream:
+def build_stream(directory: Path, split: str, source: Source, tokenizer: Any) -> TokenStream:
     """Tokenize `split` of `source` into `directory` (bin first, meta last, both atomic)."""
     directory.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer)
@@ -183,6 +185,6 @@ def build_stream(directory: Path, split: str, source: Any, tokenizer: Any) -> To
     return TokenStream(bin_path, dtype.name, count)
 
 
-def cached_stream(directory: Path, split: str, source: Any, tokenizer: Any) -> TokenStream:
+def cached_stream(directory: Path, split: str, source: Source, tokenizer: Any) -> TokenStream:
     """The packed stream of `split`: loaded from `directory` when cached, else built there."""
     return load_stream(directory, split, source, tokenizer) or build_stream(directory, split, source, tokenizer)

@@ -1,4 +1,5 @@
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -134,3 +135,13 @@ def test_resumed_run_sees_exactly_the_batches_of_an_uninterrupted_run(tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(whole.seen, first.seen + rest.seen))
     # 48 samples: the stream passes into its second epoch and still matches
     assert len(torch.cat(whole.seen)) > len(trainer.datamodule.train_dataset)
+
+
+def test_train_sampler_starts_after_the_samples_all_ranks_consumed(tmp_path, tok):
+    dm = make_module(tmp_path, tok)
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(global_step=2, accumulate_grad_batches=2, world_size=2, global_rank=1)
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.start, sampler.rank, sampler.world_size, sampler.seed) == (2 * 2 * 3 * 2, 1, 2, 11)
+    dm.trainer = None
+    assert (dm.train_dataloader().sampler.start, dm.train_dataloader().sampler.world_size) == (0, 1)
