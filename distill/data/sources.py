@@ -70,7 +70,7 @@ class StdlibSource(Source):
         return stdlib_documents(split, self.heldout_percent)
 
 
-def resolve_paths(patterns: Sequence[str | os.PathLike]) -> list[Path]:
+def resolve_paths(patterns: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
     """Files named by paths or globs, each pattern's matches sorted, in pattern order."""
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
@@ -122,7 +122,7 @@ def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # imported on use, like datasets below: only these files need it
 
     parquet = pq.ParquetFile(path)
     if text_field not in parquet.schema_arrow.names:
@@ -221,7 +221,7 @@ class HFDatasetSource(Source):
         )
 
     def _texts(self) -> Iterator[str]:
-        import datasets
+        import datasets  # slow to import; only this source needs it
 
         ds = datasets.load_dataset(
             self.path,
