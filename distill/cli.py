@@ -30,13 +30,25 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("package_dir", package_dir)
 
 
+def user_error(error: BaseException) -> BaseException | None:
+    """The user error behind `error`, if any (hydra.utils.instantiate wraps what a target raises)."""
+    while error is not None:
+        if isinstance(error, USER_ERRORS):
+            return error
+        error = error.__cause__
+    return None
+
+
 def run_cli(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run a job; a user error exits with status 2 and one clear line on stderr."""
     try:
         return job(cfg)
-    except USER_ERRORS as error:
-        log.error("%s: %s", type(error).__name__, error)
-        print(f"error: {error}", file=sys.stderr)
+    except Exception as error:
+        cause = user_error(error)
+        if cause is None:
+            raise
+        log.error("%s: %s", type(cause).__name__, cause)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

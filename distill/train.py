@@ -54,9 +54,11 @@ def build_models(cfg: DictConfig, precision: str):
     return FrozenTeacher(teacher_model), tokenizer, student
 
 
-def make_data(cfg: DictConfig, tokenizer, teacher: FrozenTeacher, seq_len: int, batch_size: int):
+def make_data(cfg: DictConfig, tokenizer, teacher: FrozenTeacher, seq_len: int, batch_size: int,
+              stage_index: int = 0):
+    # Each stage draws its own seeded order, so a later stage does not replay the first one's batches.
     return instantiate(cfg.data, tokenizer=tokenizer, teacher=teacher.model, seq_len=seq_len,
-                       batch_size=batch_size, seed=cfg.seed)
+                       batch_size=batch_size, seed=cfg.seed + stage_index)
 
 
 def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, data, logger,
@@ -66,7 +68,8 @@ def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, 
                           callbacks=list(instantiate(cfg.callbacks).values()),
                           default_root_dir=cfg.paths.output_dir)
     steps = stage.steps(trainer.world_size, trainer.accumulate_grad_batches, cfg.max_steps_per_stage)
-    trainer.fit_loop.max_steps = steps
+    # The budget depends on the world size, which only the built Trainer knows for sure.
+    trainer.fit_loop.epoch_loop.max_steps = steps
     module.set_stage(index, stage, steps)
     started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume)
@@ -101,7 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for index, stage in enumerate(stages):
         if stage.name in done:
             continue
-        data = make_data(cfg, tokenizer, teacher, stage.seq_len, stage.batch_size)
+        data = make_data(cfg, tokenizer, teacher, stage.seq_len, stage.batch_size, index)
         same_stage = resume is not None and checkpoint["distill"]["stage_index"] == index
         fit_stage(cfg, module, index, stage, data, logger, precision, resume if same_stage else None)
 

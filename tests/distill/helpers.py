@@ -1,0 +1,74 @@
+"""Job-level test helpers: a tiny HF Llama teacher with its own BPE, and composed configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from distill.cli import register_resolvers
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = Path(os.environ.get("DISTILL_ASSETS", REPO.parent / "shared" / "assets"))
+SHAKESPEARE = ASSETS / "text" / "tinyshakespeare.txt"
+
+
+def make_tiny_teacher(out: Path, text: str, seed: int = 0) -> Path:
+    """A random 2-layer GQA Llama and a 384-token byte-level BPE trained on `text`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>",
+                                  eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(
+        "llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def compose_train(overrides: list[str], run_dir: Path, cache_dir: Path, name: str = "train") -> DictConfig:
+    """The real `name` config (train or eval), as the console script would see it, writing under run_dir."""
+    register_resolvers()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+def compose_tiny_job(teacher: Path, run_dir: Path, cache_dir: Path, extra: list[str] = (),
+                     steps: int = 8) -> DictConfig:
+    """A two-stage job on the tiny teacher and 1 MB of Shakespeare (paragraphs as documents)."""
+    cfg = compose_train(tiny_job_overrides(teacher, steps) + list(extra), run_dir, cache_dir)
+    cfg.data.source.document_separator = "\n\n"
+    return cfg
+
+
+def tiny_job_overrides(teacher: Path, steps: int) -> list[str]:
+    return [
+        f"teacher.path={teacher}",
+        "data=text",
+        f"data.source.paths=[{SHAKESPEARE}]",
+        "data.eval_tokens=2048",
+        f"max_steps_per_stage={steps}",
+        "stages.0.seq_len=64", "stages.0.batch_size=4", "stages.0.lr=3e-3",
+        "stages.1.seq_len=64", "stages.1.batch_size=4", "stages.1.lr=1e-3",
+        "evaluation.seq_len=64", "evaluation.batch_size=4", "evaluation.max_new_tokens=8",
+        "evaluation.prompt=ROMEO:",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+        "callbacks.model_checkpoint.every_n_train_steps=4",
+    ]
