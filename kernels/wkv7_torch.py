@@ -85,6 +85,35 @@ def run_packed(fn, tensors: list[Tensor], initial_state: Tensor | None,
     return repack(o, index), s_T
 
 
+def chunk_log_decays(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cumulative log decays inside each chunk, w [B, H, NC, C, K] -> (each [.., C, K] or [.., 1, K]):
+
+    g     = w_0 + .. + w_t         (chunk start through t)
+    g_ex  = w_0 + .. + w_{t-1}     (0 at t = 0)
+    g_out = w_{t+1} + .. + w_{C-1} (t to the chunk end; 0 at t = C-1)
+    g_ref = g at mid-chunk [.., 1, K], so |g - g_ref| <= C/2 * max|w| (DERIVATION.md).
+    Each is its own (reverse) cumsum, never a difference such as g - w: a decay that is exactly 1
+    then has no w in its graph, and its w-gradient is exactly 0 instead of a large +x - x.
+    """
+    C = w.shape[-2]
+    g = w.cumsum(-2)
+    g_ex = F.pad(g[..., :-1, :], (0, 0, 1, 0))
+    g_out = F.pad(w[..., 1:, :].flip(-2).cumsum(-2).flip(-2), (0, 0, 0, 1))
+    return g, g_ex, g_out, g[..., C // 2:C // 2 + 1, :]
+
+
+def decay_pairs(q_dec: Tensor, k_dec: Tensor, q: Tensor, k: Tensor, offset: int) -> Tensor:
+    """A[t, s] = sum_i q_ti k_si e^{(log decay from s to t)_i} for s <= t + offset, else 0: [.., C, C].
+
+    q_dec = q e^{g_q - g_ref}, k_dec = k e^{g_ref - g_k} carry the decay as two bounded factors.
+    The band s = t + offset (offset 0 or -1) is the pair whose decay is exactly 1: it is q_t . k_s
+    computed without the factors, whose w-gradients would cancel only to rounding (DERIVATION.md).
+    """
+    C, n = q.shape[-2], -offset
+    band = (q[..., n:, :] * k[..., :C - n, :]).sum(-1)            # [.., C - n]
+    return (q_dec @ k_dec.mT).tril(offset - 1) + torch.diag_embed(band, offset)
+
+
 def _chunk_wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
                 S0: Tensor) -> tuple[Tensor, Tensor]:
     """WKV7 on chunked inputs [B, H, NC, C, N] (compute dtype, r already scaled), S0 [B, H, K, V].
@@ -92,26 +121,23 @@ def _chunk_wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
     Returns o [B, H, NC, C, V] and the final state [B, H, K, V]. Equations: DERIVATION.md §WKV7.
     """
     C, K = w.shape[-2:]
-    g = w.cumsum(-2)                           # [B, H, NC, C, K] log decay, chunk start .. t
-    g_ex = g - w                               # .. t-1
-    g_last = g[..., -1:, :]                    # [B, H, NC, 1, K] whole chunk
-    g_ref = g[..., C // 2:C // 2 + 1, :]       # mid-chunk: |g - g_ref| <= C/2 * max|w|
-    a_t = a * (g_ex - g_ref).exp()             # query side of a_t^T S_{t-1}
-    r_t = r * (g - g_ref).exp()                # query side of S_t^T r_t
-    decay_in = (g_ref - g).exp()
-    b_s, k_s = b * decay_in, k * decay_in      # key side
-    A_ab, A_ak = (a_t @ b_s.mT).tril(-1), (a_t @ k_s.mT).tril(-1)  # [.., C, C] pairs s < t
-    A_rb, A_rk = (r_t @ b_s.mT).tril(0), (r_t @ k_s.mT).tril(0)    # [.., C, C] pairs s <= t
-    # sa = S^T a for every t of the chunk = W S0 + U (WY form): (I - A_ab) [W | U] = [a e^{g_ex} | A_ak v]
+    g, g_ex, g_out, g_ref = chunk_log_decays(w)
+    a_dec, r_dec = a * (g_ex - g_ref).exp(), r * (g - g_ref).exp()   # query sides: a^T S_{t-1}, S_t^T r
+    into = (g_ref - g).exp()
+    b_dec, k_dec = b * into, k * into                                 # key sides
+    A_ab, A_ak = decay_pairs(a_dec, b_dec, a, b, -1), decay_pairs(a_dec, k_dec, a, k, -1)  # s < t
+    A_rb, A_rk = decay_pairs(r_dec, b_dec, r, b, 0), decay_pairs(r_dec, k_dec, r, k, 0)    # s <= t
+    # sa_t = S_{t-1}^T a_t for the whole chunk = W S0 + U (WY form):
+    # (I - A_ab) [W | U] = [a e^{g_ex} | A_ak v]
     eye = torch.eye(C, dtype=w.dtype, device=w.device)
     rhs = torch.cat([a * g_ex.exp(), A_ak @ v], -1)                  # [.., C, K + V]
     WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
     W, U = (x.contiguous() for x in WU.split(K, -1))  # strided views make CPU bmm backward copy per matrix
     Q = r * g.exp() + A_rb @ W                 # [.., C, K]  o = Q S0 + O_in
     O_in = A_rb @ U + A_rk @ v                 # [.., C, V]
-    decay_out = (g_last - g).exp()             # [.., C, K] from t to the chunk end
-    b_out, k_out = b * decay_out, k * decay_out
-    P = torch.diag_embed(g_last.squeeze(-2).exp()) + b_out.mT @ W    # [.., K, K] S_C = P S0 + X
+    out = g_out.exp()
+    b_out, k_out = b * out, k * out            # [.., C, K] decayed to the chunk end
+    P = torch.diag_embed(g[..., -1, :].exp()) + b_out.mT @ W         # [.., K, K] S_C = P S0 + X
     X = b_out.mT @ U + k_out.mT @ v            # [.., K, V]
     entering, S_T = scan_chunks(P, X, S0)
     return O_in + Q @ entering, S_T
