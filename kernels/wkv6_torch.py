@@ -18,7 +18,7 @@ from kernels.wkv7_torch import (
     to_chunks,
 )
 
-CHUNK = 16  # with log w >= -5 the in-chunk exponents stay within +-40 (DERIVATION.md)
+CHUNK = 16  # with log w >= -5 the in-chunk decay factors stay within e^{+-45} (DERIVATION.md)
 
 
 def _chunk_wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,

@@ -91,7 +91,7 @@ def chunk_log_decays(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     g     = w_0 + .. + w_t         (chunk start through t)
     g_ex  = w_0 + .. + w_{t-1}     (0 at t = 0)
     g_out = w_{t+1} + .. + w_{C-1} (t to the chunk end; 0 at t = C-1)
-    g_ref = g at mid-chunk [.., 1, K], so |g - g_ref| <= C/2 * max|w| (DERIVATION.md).
+    g_ref = g at mid-chunk [.., 1, K], so |g - g_ref| <= (C/2 + 1) max|w| (DERIVATION.md).
     Each is its own (reverse) cumsum, never a difference such as g - w: a decay that is exactly 1
     then has no w in its graph, and its w-gradient is exactly 0 instead of a large +x - x.
     """
