@@ -75,6 +75,18 @@ def test_decay_gradient_at_lower_bound_fp32(name):
     compare_with_reference(name, 2, 100, 2, 32, dtype=torch.float32, tol=5e-6, lower_bound_share=1.0)
 
 
+def test_wkv6_overflowing_masked_pairs_stay_out_fp32():
+    """|r|, |k| ~ 300 at log w = -5: pairs above the chunk diagonal reach e^80 * 1e5 = inf in fp32;
+    they must be selected away, never multiplied by a mask (inf * 0 = NaN) (DERIVATION.md)."""
+    op, reference, make_inputs, lower = OPS["wkv6"]
+    x = make_inputs(1, 64, 2, 64, dtype=torch.float32, decay=(lower, lower))
+    x["r"], x["k"] = x["r"] * 300, x["k"] * 300
+    s0 = random_state(1, 2, 64)
+    got = run_with_grads(torch_backend(op), leaves(x), leaves({"s": s0})["s"])
+    ref = run_with_grads(reference, leaves(x, torch.float64), leaves({"s": s0}, torch.float64)["s"])
+    assert_all_close(got, ref, 1e-4)
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_bf16_within_contract(name):
     compare_with_reference(name, 2, 63, 2, 16, dtype=torch.bfloat16, tol=1e-2)
