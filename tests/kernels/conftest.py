@@ -59,9 +59,14 @@ def random_state(n: int, H: int, N: int, *, seed: int = 1, dtype: torch.dtype = 
     return torch.randn(n, H, N, N, generator=gen, dtype=torch.float64).to(dtype)
 
 
+def leaf(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A fresh leaf copy (optionally cast) that requires grad, so two runs never share gradients."""
+    return x.detach().to(dtype or x.dtype).requires_grad_()
+
+
 def leaves(tensors: dict[str, Tensor], dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Fresh leaf copies (optionally cast) that require grad, so two runs never share gradients."""
-    return {n: x.detach().to(dtype or x.dtype).requires_grad_() for n, x in tensors.items()}
+    """`leaf` of every tensor of an inputs dict."""
+    return {n: leaf(x, dtype) for n, x in tensors.items()}
 
 
 def cotangent(shape: torch.Size, dtype: torch.dtype, seed: int) -> Tensor:
