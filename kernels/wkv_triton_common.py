@@ -57,8 +57,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def block_v(N: int) -> int:
-    """Value-block width: each program owns V columns [i_v*BV, (i_v+1)*BV) of the state."""
-    return min(N, 64)
+    """Value-block width: each program owns V columns [i_v*BV, (i_v+1)*BV) of the state.
+    N = 128 takes 32: a 64-wide block's backward needs more shared memory than an H100 has."""
+    return min(N, 64) if N <= 64 else 32
 
 
 def reduce_parts(part: Tensor, dtype: torch.dtype) -> Tensor:

@@ -231,7 +231,12 @@ def test_full_size_decay_extremes_gpu():
 
 @pytest.mark.gpu
 def test_student_layer_step_triton_equals_torch_gpu():
-    """One RAD-RWKV7 training step (forward + backward) with backend="triton" vs "torch", bf16."""
+    """One RAD-RWKV7 training step (forward + backward) in bf16 with backend="triton" vs "torch".
+
+    Output: relative difference <= 1e-2. Gradients: each backend is also compared with the same layer
+    run in fp64, and triton's error must be within the bf16 tolerance (1e-2) or at most 1.5x torch's
+    (some parameter gradients of a bf16 layer sit near 1e-2 whatever the WKV backend).
+    """
     from models.rad_rwkv7 import RadRWKV7
     from models.student import StudentConfig, TeacherShape, resolve
 
@@ -243,18 +248,17 @@ def test_student_layer_step_triton_equals_torch_gpu():
     with torch.no_grad():  # move every parameter off its init so each term shows in the output
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    layers = {"triton": layer, "torch": copy.deepcopy(layer)}
-    layers["torch"].backend = "torch"
-    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
-    v_first = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
-    angles = torch.rand(1, 300, 32, device="cuda") * 6
-    rope = (torch.cat([angles, angles], -1).cos().bfloat16(), torch.cat([angles, angles], -1).sin().bfloat16())
+    layers = {"triton": layer, "torch": copy.deepcopy(layer), "fp64": copy.deepcopy(layer).double()}
+    layers["torch"].backend = layers["fp64"].backend = "torch"
+    x, v_first = (torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    angles = torch.cat([torch.rand(1, 300, 32, device="cuda") * 6] * 2, -1)
     outs, grads = {}, {}
-    for backend, layer in layers.items():
-        y, _ = layer(x, rope, v_first)
-        y.float().square().mean().backward()
-        outs[backend] = y
-        grads[backend] = {n: p.grad for n, p in layer.named_parameters()}
+    for name, layer in layers.items():
+        dt = next(layer.parameters()).dtype
+        y, _ = layer(x.to(dt), (angles.cos().to(dt), angles.sin().to(dt)), v_first.to(dt))
+        y.double().square().mean().backward()
+        outs[name], grads[name] = y, {n: p.grad for n, p in layer.named_parameters()}
     assert rel_err(outs["triton"], outs["torch"]) <= 1e-2
-    worst = max(rel_err(grads["triton"][n], g) for n, g in grads["torch"].items())
-    assert worst <= 1e-2
+    for n, g64 in grads["fp64"].items():
+        err_triton, err_torch = rel_err(grads["triton"][n], g64), rel_err(grads["torch"][n], g64)
+        assert err_triton <= max(1e-2, 1.5 * err_torch), (n, err_triton, err_torch)

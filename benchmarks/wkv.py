@@ -1,0 +1,202 @@
+"""Speed of the WKV kernels against the public anchor (issue 3), all in one run on one GPU.
+
+For each (B, T, H, N): median time (triton.testing.do_bench) of forward and forward+backward, bf16
+inputs, for our Triton WKV-7 / WKV-6 (in each tuning variant given), fla's chunk_rwkv7 (its default
+chunk and with lower_bound=-e^{-1/2}, which licenses its 64-chunk path) and chunk_rwkv6, torch SDPA
+causal (flash) at the same shape, and the bytes floor: bytes that must move / measured copy bandwidth.
+
+    python benchmarks/wkv.py --out wkv.json [--variants bt16,bt32_bv32] [--shapes 8x4096x16x64,...]
+
+Prints a table last and writes every number to --out (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+import kernels.wkv6_triton as wkv6_mod
+import kernels.wkv7_triton as wkv7_mod
+
+SHAPES = [(8, 4096, 16, 64), (8, 4096, 64, 64), (2, 16384, 16, 64), (1, 65536, 16, 64)]
+BF16 = 2  # bytes per element
+
+# our tuning variants: module attributes set before timing (chunk length, value block, warps)
+VARIANTS = {
+    "bv64_w4": dict(block_v=lambda N: 64, FWD_WARPS=4, BWD_WARPS=4),
+    "bv64_w8": dict(block_v=lambda N: 64, FWD_WARPS=4, BWD_WARPS=8),
+    "bv32_w8": dict(block_v=lambda N: 32, FWD_WARPS=4, BWD_WARPS=8),
+    "bv16_w4": dict(block_v=lambda N: 16, FWD_WARPS=4, BWD_WARPS=4),
+}
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def wkv7_inputs(B, T, H, N):
+    """bf16 r, w, k, v, a, b as the RAD-RWKV7 layer makes them (a = -kk, b = kk * gate, |kk| = 1)."""
+    rnd = lambda: torch.randn(B, T, H, N, device="cuda")  # noqa: E731
+    kk = torch.nn.functional.normalize(rnd(), dim=-1)
+    xs = (rnd(), -math.exp(-0.5) * torch.sigmoid(rnd()), rnd(), rnd(), -kk, kk * torch.sigmoid(rnd()))
+    return [x.bfloat16().requires_grad_() for x in xs]
+
+
+def wkv6_inputs(B, T, H, N):
+    rnd = lambda: torch.randn(B, T, H, N, device="cuda")  # noqa: E731
+    w = torch.clamp(-torch.exp(rnd() - 1), min=-5.0)
+    xs = [x.bfloat16().requires_grad_() for x in (rnd(), rnd(), rnd(), w)]
+    return xs + [torch.randn(H, N, device="cuda").bfloat16().requires_grad_()]
+
+
+def bench(fn, xs) -> tuple[float, float]:
+    """(forward ms, forward+backward ms), medians; fn(*xs) returns the output."""
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(*xs), return_mode="median")
+    do = torch.randn_like(fn(*xs))
+
+    def step():
+        fn(*xs).backward(do)
+
+    return fwd, do_bench(step, grad_to_none=xs, return_mode="median")
+
+
+def sdpa_fn(B, T, H, N):
+    q, k, v = (torch.randn(B, H, T, N, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    return fn, [q, k, v]
+
+
+def set_variant(name: str) -> dict:
+    """Point both kernel modules at a tuning variant; returns the previous attribute values."""
+    old = {}
+    for mod in (wkv7_mod, wkv6_mod):
+        for key, val in VARIANTS[name].items():
+            if hasattr(mod, key):
+                old[(mod, key)] = getattr(mod, key)
+                setattr(mod, key, val)
+    return old
+
+
+def fla_ops():
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6
+        from fla.ops.rwkv7 import chunk_rwkv7
+    except ImportError as err:
+        print(f"fla unavailable: {err}")
+        return {}
+    return {
+        "fla_rwkv7": lambda r, w, k, v, a, b: chunk_rwkv7(r, w, k, v, a, b, scale=1.0)[0],
+        "fla_rwkv7_lb": lambda r, w, k, v, a, b: chunk_rwkv7(r, w, k, v, a, b, scale=1.0,
+                                                            lower_bound=-math.exp(-0.5))[0],
+        "fla_rwkv6": lambda r, k, v, w, u: chunk_rwkv6(r, k, v, w, u, scale=1.0)[0],
+    }
+
+
+def resource_report() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of our kernels."""
+    rows = []
+    for mod, names in ((wkv7_mod, ("wkv7_fwd_kernel", "wkv7_bwd_kernel")), (wkv6_mod, ("wkv6_fwd_kernel", "wkv6_bwd_kernel"))):
+        for name in names:
+            for cache in getattr(getattr(mod, name), "device_caches", {}).values():
+                for ck in (cache[0] if isinstance(cache, tuple) else cache).values():
+                    md = ck.metadata
+                    rows.append(dict(kernel=name, n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None),
+                                     shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None)))
+    return rows
+
+
+def run_shape(shape, variants, fla, bw) -> dict:
+    B, T, H, N = shape
+    numel = B * T * H * N
+    res = {"shape": shape, "floor_ms": {}}
+    # bytes that must move: wkv7 fwd reads r,w,k,v,a,b and writes o; bwd reads those and do, writes 6 grads
+    for op, fwd_t, bwd_t in (("rwkv7", 7, 13), ("rwkv6", 5, 9)):
+        res["floor_ms"][op] = (fwd_t * numel * BF16 / bw * 1e3, (fwd_t + bwd_t) * numel * BF16 / bw * 1e3)
+    xs7, xs6 = wkv7_inputs(*shape), wkv6_inputs(*shape)
+    for name in variants:
+        old = set_variant(name)
+        res[f"ours7_{name}"] = bench(lambda *x: wkv7_mod.wkv7_triton(*x)[0], xs7)
+        res[f"ours6_{name}"] = bench(lambda *x: wkv6_mod.wkv6_triton(*x)[0], xs6)
+        for (mod, key), val in old.items():
+            setattr(mod, key, val)
+    for name, fn in fla.items():
+        res[name] = bench(fn, xs7 if "rwkv7" in name else xs6)
+    with torch.no_grad():
+        ours, theirs = wkv7_mod.wkv7_triton(*xs7)[0].float(), fla["fla_rwkv7"](*xs7).float() if fla else None
+        if theirs is not None:
+            res["rel_diff_vs_fla_rwkv7"] = ((ours - theirs).norm() / theirs.norm()).item()
+    res["sdpa"] = bench(*sdpa_fn(*shape))
+    return res
+
+
+def table(results: list[dict], variants: list[str]) -> str:
+    lines = []
+    for res in results:
+        B, T, H, N = res["shape"]
+        lines.append(f"\n(B,T,H,N)=({B},{T},{H},{N})  times in ms, fwd / fwd+bwd")
+        fla7 = [res[k] for k in ("fla_rwkv7", "fla_rwkv7_lb") if k in res]
+        best7 = min(fla7, key=lambda t: t[1]) if fla7 else None
+        for key, val in res.items():
+            if not isinstance(val, tuple):
+                continue
+            op = "rwkv6" if "6" in key else "rwkv7"
+            floor = res["floor_ms"][op]
+            extra = f"  floor x{val[0] / floor[0]:.2f} / x{val[1] / floor[1]:.2f}"
+            anchor = best7 if op == "rwkv7" else res.get("fla_rwkv6")
+            if key.startswith("ours") and anchor:
+                extra += f"  speedup vs fla {anchor[0] / val[0]:.2f} / {anchor[1] / val[1]:.2f}"
+            lines.append(f"  {key:18s} {val[0]:8.3f} / {val[1]:8.3f}{extra}")
+        for op, (f, fb) in res["floor_ms"].items():
+            lines.append(f"  floor_{op:12s} {f:8.3f} / {fb:8.3f}")
+        if "rel_diff_vs_fla_rwkv7" in res:
+            lines.append(f"  |o_ours - o_fla| / |o_fla| = {res['rel_diff_vs_fla_rwkv7']:.2e}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="wkv.json")
+    parser.add_argument("--variants", default="bv64_w8")
+    parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    for name in variants:
+        if name not in VARIANTS:
+            raise ValueError(f"--variants: unknown {name!r}; valid: {sorted(VARIANTS)}")
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    fla = fla_ops()
+    out = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "torch": torch.__version__, "triton": triton.__version__, "copy_bandwidth_GBps": bw / 1e9, "results": []}
+    for shape in shapes:
+        t0 = time.time()
+        out["results"].append(run_shape(shape, variants, fla, bw))
+        print(f"shape {shape} done in {time.time() - t0:.0f} s", flush=True)
+        out["resources"] = resource_report()
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    print(f"\ndevice {out['device']}, torch {out['torch']}, triton {out['triton']}, copy {bw / 1e9:.0f} GB/s")
+    for row in out["resources"]:
+        print(f"  {row}")
+    print(table(out["results"], variants))
+
+
+if __name__ == "__main__":
+    main()
