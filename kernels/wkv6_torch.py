@@ -8,30 +8,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.wkv7_torch import (
-    chunk_log_decays,
-    compute_dtype,
-    decay_pairs,
-    from_chunks,
-    run_packed,
-    scan_chunks,
-    to_chunks,
-)
+from kernels.wkv7_torch import ChunkLayout, chunk_log_decays, compute_dtype, decay_pairs, scan_chunks
 
 CHUNK = 16  # with log w >= -5 the in-chunk decay factors stay within e^{+-45} (DERIVATION.md)
 
 
 def _chunk_wkv6(r: Tensor, k: Tensor, v: Tensor, w: Tensor, u: Tensor,
-                S0: Tensor) -> tuple[Tensor, Tensor]:
+                layout: ChunkLayout, S0: Tensor) -> tuple[Tensor, Tensor]:
     """WKV6 on chunked inputs [B, H, NC, C, N] (compute dtype, r already scaled), u [H, 1, 1, K],
-    S0 [B, H, K, V]. Returns o [B, H, NC, C, V] and the final state [B, H, K, V]. DERIVATION.md §WKV6.
+    S0 [B or n_seqs, H, K, V]. Returns o [B, H, NC, C, V] and the final states. DERIVATION.md §WKV6.
     """
     g, g_ex, g_out, g_ref = chunk_log_decays(w)
     A = decay_pairs(r * (g_ex - g_ref).exp(), k * (g_ref - g).exp(), r, k, -1)  # [.., C, C] s < t
     bonus = (r * u * k).sum(-1, keepdim=True)  # [.., C, 1] the current token, weighted by u
     O_in = A @ v + bonus * v                   # [.., C, V]
     X = (k * g_out.exp()).mT @ v               # [.., K, V] S_C = e^{g_C} S0 + X
-    entering, S_T = scan_chunks(g[..., -1:, :].mT.exp(), X, S0)
+    entering, S_T = scan_chunks(g[..., -1:, :].mT.exp(), X, layout, S0)
     return O_in + (r * g_ex.exp()) @ entering, S_T
 
 
@@ -47,18 +39,11 @@ def wkv6_torch(
     in float32 (float64 for float64 inputs). Inputs are assumed valid (kernels.wkv6 checks them).
     """
     dt = compute_dtype(r, k, v, w, u)
-    H, N = r.shape[2:]
-    u_c = u.to(dt).view(H, 1, 1, N)
-
-    def run(r, k, v, w, s0):
-        B, T = r.shape[:2]
-        s0 = r.new_zeros(B, H, N, N, dtype=dt) if s0 is None else s0.to(dt)
-        r, k, v, w = (to_chunks(x.to(dt), CHUNK) for x in (r, k, v, w))
-        o, s_T = _chunk_wkv6(r * scale, k, v, w, u_c, s0)
-        return from_chunks(o, T), s_T
-
-    o, s_T = run_packed(run, [r, k, v, w], initial_state, cu_seqlens)
-    return o.to(v.dtype), (s_T if output_final_state else None)
+    layout = ChunkLayout.of(r.shape[1], CHUNK, cu_seqlens)
+    rc, kc, vc, wc = (layout.to_chunks(x.to(dt)) for x in (r, k, v, w))
+    u_c = u.to(dt).view(*u.shape[:1], 1, 1, u.shape[1])        # [H, 1, 1, K] against [B, H, NC, C, K]
+    o, s_T = _chunk_wkv6(rc * scale, kc, vc, wc, u_c, layout, layout.start_state(initial_state, r, dt))
+    return layout.from_chunks(o).to(v.dtype), (s_T if output_final_state else None)
 
 
 def wkv6_step_torch(

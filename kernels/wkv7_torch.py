@@ -1,10 +1,13 @@
 """Chunked pure-PyTorch WKV7 (any device, gradients by autograd). Derivation: DERIVATION.md.
 
 Shapes: B batch, T time, H heads, K = V = N channels, NC chunks of C tokens.
-The chunk helpers here (padding, packed sequences, the state scan) are shared with wkv6_torch.
+The chunk layout (padding, packed sequences), the state scan and the decay helpers here are
+shared with wkv6_torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,71 +21,82 @@ def compute_dtype(*xs: Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
-def to_chunks(x: Tensor, chunk: int) -> Tensor:
-    """[B, T, H, N] -> [B, H, NC, C, N], zero-padded at the end to whole chunks (at least one).
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where the tokens of [B, T, H, N] inputs go in chunked form [B, H, NC, C, N].
 
+    Unpacked: each row is zero-padded at its end to whole chunks; one segment, all rows at once.
+    Packed (cu_seqlens, B = 1): each sequence starts a new chunk and is zero-padded to whole chunks
+    (at most C - 1 pad tokens per sequence); segment i = (first chunk, number of chunks) of
+    sequence i, and the scan restarts from that sequence's initial state there.
     Zero padding is harmless for every WKV operand: log decay 0 keeps the state, k = b = 0 add nothing.
     """
-    B, T, H, N = x.shape
-    nc = max(1, -(-T // chunk))
-    x = F.pad(x, (0, 0, 0, 0, 0, nc * chunk - T))
-    return x.view(B, nc, chunk, H, N).permute(0, 3, 1, 2, 4).contiguous()
+
+    T: int
+    chunk: int
+    segments: tuple[tuple[int, int], ...]
+    index: Tensor | None  # [T] padded time position of every packed token; None when unpacked
+
+    @staticmethod
+    def of(T: int, chunk: int, cu_seqlens: Tensor | None) -> "ChunkLayout":
+        if cu_seqlens is None:
+            return ChunkLayout(T, chunk, ((0, -(-T // chunk)),), None)
+        bounds = cu_seqlens.tolist()
+        counts = [-(-(end - start) // chunk) for start, end in zip(bounds, bounds[1:])]
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        index = [first * chunk + t for first, start, end in zip(firsts, bounds, bounds[1:])
+                 for t in range(end - start)]
+        index = torch.tensor(index, dtype=torch.long, device=cu_seqlens.device)
+        return ChunkLayout(T, chunk, tuple(zip(firsts, counts)), index)
+
+    @property
+    def n_chunks(self) -> int:
+        return sum(count for _, count in self.segments)
+
+    def to_chunks(self, x: Tensor) -> Tensor:
+        """[B, T, H, N] -> [B, H, NC, C, N] (contiguous: the matmuls then never copy per matrix)."""
+        B, _, H, N = x.shape
+        padded_T = self.n_chunks * self.chunk
+        if self.index is None:
+            x = F.pad(x, (0, 0, 0, 0, 0, padded_T - self.T))
+        else:
+            x = x.new_zeros(1, padded_T, H, N).index_copy(1, self.index, x)
+        return x.view(B, self.n_chunks, self.chunk, H, N).permute(0, 3, 1, 2, 4).contiguous()
+
+    def from_chunks(self, x: Tensor) -> Tensor:
+        """[B, H, NC, C, V] -> [B, T, H, V], dropping the padding."""
+        B, H, nc, C, V = x.shape
+        x = x.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, V)
+        return x[:, :self.T] if self.index is None else x[:, self.index]
+
+    def start_state(self, initial_state: Tensor | None, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """initial_state in dtype, or zeros [B or n_seqs, H, K, V] for inputs x [B, T, H, N]."""
+        if initial_state is not None:
+            return initial_state.to(dtype)
+        B, _, H, N = x.shape
+        return x.new_zeros(B if self.index is None else len(self.segments), H, N, N, dtype=dtype)
+
+    def initial_states(self, S0: Tensor) -> list[Tensor]:
+        """The state each segment starts from: all rows of S0 [B, ..] at once, or one row per sequence."""
+        return [S0] if self.index is None else list(S0.split(1))
 
 
-def from_chunks(x: Tensor, T: int) -> Tensor:
-    """[B, H, NC, C, V] -> [B, T, H, V], dropping the padding."""
-    B, H, nc, C, V = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, V)[:, :T]
+def scan_chunks(P: Tensor, X: Tensor, layout: ChunkLayout, S0: Tensor) -> tuple[Tensor, Tensor]:
+    """S_c = P_c S_{c-1} + X_c over the chunks of each segment; the only sequential part.
 
-
-def scan_chunks(P: Tensor, X: Tensor, S0: Tensor) -> tuple[Tensor, Tensor]:
-    """S_c = P_c S_{c-1} + X_c over the chunks; the only sequential part of the chunked form.
-
-    P: [B, H, NC, K, K] (or [B, H, NC, K, 1] for a diagonal P), X: [B, H, NC, K, V], S0: [B, H, K, V].
-    Returns the state entering every chunk [B, H, NC, K, V] and the final state [B, H, K, V].
+    P: [B, H, NC, K, K] (or [B, H, NC, K, 1] for a diagonal P), X: [B, H, NC, K, V], S0: [B or n_seqs, H, K, V].
+    Returns the state entering every chunk [B, H, NC, K, V] and the final states [B or n_seqs, H, K, V].
     """
     diagonal = P.shape[-1] == 1
-    S, entering = S0, []
     # chunk-major and contiguous: each step's matmul reads dense blocks; unbind's backward is one stack
-    for P_c, X_c in zip(P.movedim(2, 0).contiguous().unbind(0), X.movedim(2, 0).contiguous().unbind(0)):
-        entering.append(S)
-        S = (P_c * S if diagonal else P_c @ S) + X_c
-    return torch.stack(entering, dim=2), S
-
-
-def _packed_index(cu_seqlens: Tensor) -> tuple[Tensor, int, int]:
-    """Row of every packed token in a [n, T_max] padded layout (flattened), n, T_max."""
-    bounds = cu_seqlens.tolist()
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    t_max = max(lengths, default=0)
-    index = [i * t_max + t for i, n_i in enumerate(lengths) for t in range(n_i)]
-    return torch.tensor(index, dtype=torch.long, device=cu_seqlens.device), len(lengths), t_max
-
-
-def unpack(x: Tensor, index: Tensor, n: int, t_max: int) -> Tensor:
-    """Packed [1, T, H, N] -> padded [n, T_max, H, N] (zeros after each sequence's end)."""
-    _, _, H, N = x.shape
-    padded = x.new_zeros(n * t_max, H, N).index_copy(0, index, x[0])
-    return padded.view(n, t_max, H, N)
-
-
-def repack(y: Tensor, index: Tensor) -> Tensor:
-    """Padded [n, T_max, H, V] -> packed [1, T, H, V]."""
-    return y.flatten(0, 1)[index].unsqueeze(0)
-
-
-def run_packed(fn, tensors: list[Tensor], initial_state: Tensor | None,
-               cu_seqlens: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Call fn(*tensors, initial_state) -> (o [B, T, H, V], s_T) as one padded batch per sequence.
-
-    Packed sequences become rows of a batch, each padded at its end; padding keeps the state, so
-    every row's final state is its sequence's, and the state resets at each start by construction.
-    """
-    if cu_seqlens is None:
-        return fn(*tensors, initial_state)
-    index, n, t_max = _packed_index(cu_seqlens)
-    o, s_T = fn(*(unpack(x, index, n, t_max) for x in tensors), initial_state)
-    return repack(o, index), s_T
+    Ps, Xs = P.movedim(2, 0).contiguous().unbind(0), X.movedim(2, 0).contiguous().unbind(0)
+    entering, finals = [], []
+    for (first, count), S in zip(layout.segments, layout.initial_states(S0)):
+        for c in range(first, first + count):
+            entering.append(S)
+            S = (Ps[c] * S if diagonal else Ps[c] @ S) + Xs[c]
+        finals.append(S)
+    return (torch.stack(entering, dim=2) if entering else X), torch.cat(finals)
 
 
 def chunk_log_decays(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -115,10 +129,10 @@ def decay_pairs(q_dec: Tensor, k_dec: Tensor, q: Tensor, k: Tensor, offset: int)
 
 
 def _chunk_wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
-                S0: Tensor) -> tuple[Tensor, Tensor]:
-    """WKV7 on chunked inputs [B, H, NC, C, N] (compute dtype, r already scaled), S0 [B, H, K, V].
+                layout: ChunkLayout, S0: Tensor) -> tuple[Tensor, Tensor]:
+    """WKV7 on chunked inputs [B, H, NC, C, N] (compute dtype, r already scaled), S0 [B or n_seqs, H, K, V].
 
-    Returns o [B, H, NC, C, V] and the final state [B, H, K, V]. Equations: DERIVATION.md §WKV7.
+    Returns o [B, H, NC, C, V] and the final states [B or n_seqs, H, K, V]. DERIVATION.md §WKV7.
     """
     C, K = w.shape[-2:]
     g, g_ex, g_out, g_ref = chunk_log_decays(w)
@@ -139,7 +153,7 @@ def _chunk_wkv7(r: Tensor, w: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor
     b_out, k_out = b * out, k * out            # [.., C, K] decayed to the chunk end
     P = torch.diag_embed(g[..., -1, :].exp()) + b_out.mT @ W         # [.., K, K] S_C = P S0 + X
     X = b_out.mT @ U + k_out.mT @ v            # [.., K, V]
-    entering, S_T = scan_chunks(P, X, S0)
+    entering, S_T = scan_chunks(P, X, layout, S0)
     return O_in + Q @ entering, S_T
 
 
@@ -155,17 +169,10 @@ def wkv7_torch(
     in float32 (float64 for float64 inputs). Inputs are assumed valid (kernels.wkv7 checks them).
     """
     dt = compute_dtype(r, w, k, v, a, b)
-    H, N = r.shape[2:]
-
-    def run(r, w, k, v, a, b, s0):
-        B, T = r.shape[:2]
-        s0 = r.new_zeros(B, H, N, N, dtype=dt) if s0 is None else s0.to(dt)
-        r, w, k, v, a, b = (to_chunks(x.to(dt), CHUNK) for x in (r, w, k, v, a, b))
-        o, s_T = _chunk_wkv7(r * scale, w, k, v, a, b, s0)
-        return from_chunks(o, T), s_T
-
-    o, s_T = run_packed(run, [r, w, k, v, a, b], initial_state, cu_seqlens)
-    return o.to(v.dtype), (s_T if output_final_state else None)
+    layout = ChunkLayout.of(r.shape[1], CHUNK, cu_seqlens)
+    chunks = [layout.to_chunks(x.to(dt)) for x in (r, w, k, v, a, b)]
+    o, s_T = _chunk_wkv7(chunks[0] * scale, *chunks[1:], layout, layout.start_state(initial_state, r, dt))
+    return layout.from_chunks(o).to(v.dtype), (s_T if output_final_state else None)
 
 
 def wkv7_step_torch(

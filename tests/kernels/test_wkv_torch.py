@@ -114,9 +114,9 @@ def concat_runs(runs: list[tuple]) -> tuple:
 @pytest.mark.parametrize("name", OPS)
 def test_packed_sequences_equal_separate_calls(name):
     op, _, make_inputs, _ = OPS[name]
-    bounds = [0, 5, 45, 83]  # shorter than a chunk, crossing chunks, starting mid-chunk
+    bounds = [0, 5, 5, 37, 83]  # shorter than a chunk, empty, exactly two chunks, not a chunk multiple
     x = leaves(make_inputs(1, bounds[-1], 2, 16))
-    s0 = leaf(random_state(3, 2, 16, dtype=torch.float64))
+    s0 = leaf(random_state(len(bounds) - 1, 2, 16, dtype=torch.float64))
     wrt = {**x, "s0": s0}
     packed = outputs_and_grads(lambda: op(*x.values(), initial_state=s0, output_final_state=True,
                                           cu_seqlens=torch.tensor(bounds), backend="torch"), wrt)
