@@ -13,6 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("distill")
 
+# Absolute, so the console scripts find the configs however they are started (Hydra would read a
+# relative config_path as a Python package when the caller is an installed entry point).
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
 # Mistakes a user can fix from the command line: shown as one line, not a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 

@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from distill.cli import register_resolvers, run_cli, summary_table
+from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
 from distill.data.module import DistillDataModule
 from distill.data.sources import LocalFilesSource
 from distill.evaluation import compare_on_batches, continuations
@@ -80,7 +80,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     run_cli(evaluate, cfg)
 

@@ -21,7 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from distill.cli import register_resolvers, run_cli, summary_table
+from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
 from distill.evaluation import compare_on_batches, continuations
 from distill.module import DistillModule
 from distill.parallel import resolve_precision, teacher_dtype
@@ -138,7 +138,7 @@ def summarize(cfg: DictConfig, module: DistillModule, teacher, tokenizer, studen
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     run_cli(train, cfg)
 

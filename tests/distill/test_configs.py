@@ -60,3 +60,14 @@ def test_hub_presets_print_with_cfg_job(experiment, hub_id):
     assert result.returncode == 0, result.stderr
     assert f"path: {hub_id}" in result.stdout
     assert "name: finetune" in result.stdout
+
+
+@pytest.mark.parametrize("script, args", [("distill-train", ["--cfg", "job"]),
+                                          ("distill-eval", ["ckpt=x.ckpt", "text=x.txt", "--cfg", "job"])])
+def test_console_scripts_find_their_configs_from_any_directory(script, args, tmp_path):
+    executable = Path(sys.executable).parent / script
+    if not executable.exists():
+        pytest.skip(f"{script} is not installed next to {sys.executable} (pip install -e .)")
+    result = subprocess.run([str(executable), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "seed:" in result.stdout or "ckpt: x.ckpt" in result.stdout
