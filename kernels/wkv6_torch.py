@@ -41,7 +41,8 @@ def wkv6_torch(
     dt = compute_dtype(r, k, v, w, u)
     layout = ChunkLayout.of(r.shape[1], CHUNK, cu_seqlens)
     rc, kc, vc, wc = (layout.to_chunks(x.to(dt)) for x in (r, k, v, w))
-    u_c = u.to(dt).view(*u.shape[:1], 1, 1, u.shape[1])        # [H, 1, 1, K] against [B, H, NC, C, K]
+    H, N = u.shape
+    u_c = u.to(dt).view(H, 1, 1, N)            # [H, 1, 1, K] against [B, H, NC, C, K]
     o, s_T = _chunk_wkv6(rc * scale, kc, vc, wc, u_c, layout, layout.start_state(initial_state, r, dt))
     return layout.from_chunks(o).to(v.dtype), (s_T if output_final_state else None)
 

@@ -8,6 +8,7 @@ shared with wkv6_torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,7 @@ class ChunkLayout:
             return ChunkLayout(T, chunk, ((0, -(-T // chunk)),), None)
         bounds = cu_seqlens.tolist()
         counts = [-(-(end - start) // chunk) for start, end in zip(bounds, bounds[1:])]
-        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        firsts = [0, *accumulate(counts)][:-1]
         index = [first * chunk + t for first, start, end in zip(firsts, bounds, bounds[1:])
                  for t in range(end - start)]
         index = torch.tensor(index, dtype=torch.long, device=cu_seqlens.device)
@@ -96,7 +97,9 @@ def scan_chunks(P: Tensor, X: Tensor, layout: ChunkLayout, S0: Tensor) -> tuple[
             entering.append(S)
             S = (Ps[c] * S if diagonal else Ps[c] @ S) + Xs[c]
         finals.append(S)
-    return (torch.stack(entering, dim=2) if entering else X), torch.cat(finals)
+    if not entering:  # T = 0: no chunks; X is the empty [B, H, 0, K, V]
+        return X, torch.cat(finals)
+    return torch.stack(entering, dim=2), torch.cat(finals)
 
 
 def chunk_log_decays(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
