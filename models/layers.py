@@ -1,18 +1,22 @@
-"""Small pieces shared by the student's layers: RMSNorm, gated MLP, LoRA, RoPE, GQA repeat.
+"""Small pieces shared by the student's layers: RMSNorm, gated MLP, LoRA, RoPE, GQA repeat,
+the teacher's attention projections, token shift.
 
 Shapes: B batch, T time, C model width, H heads, D teacher head_dim, r LoRA rank.
-RMSNorm, GatedMLP and apply_rope reproduce the Llama-family teacher modules exactly, so
-weights copied from a teacher give the teacher's numbers.
+RMSNorm, GatedMLP, apply_rope and TeacherProjections reproduce the Llama-family teacher modules
+exactly, so weights copied from a teacher give the teacher's numbers.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from models.student import TeacherShape
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -38,7 +42,8 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): the Llama-family MLP."""
+    """down(act(gate(x)) * up(x)): the Llama-family MLP. Stateless, so it follows the FFN
+    protocol of models/student.py with an empty state: forward(x, state) -> (out, {})."""
 
     def __init__(self, dim: int, hidden: int, act: str, bias: bool = False) -> None:
         super().__init__()
@@ -49,8 +54,9 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = ACTIVATIONS[act]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor, state: dict[str, Tensor] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """x: [B, T, C] -> ([B, T, C], {}); each token on its own, so there is nothing to carry."""
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)), {}
 
 
 class LoRA(nn.Module):
@@ -90,3 +96,40 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """[B, T, H_kv, D] -> [B, T, H_kv * n_rep, D]; head h reads KV head h // n_rep (GQA)."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+def token_shift(x: Tensor, state: dict[str, Tensor] | None) -> Tensor:
+    """x: [B, T, C] -> x_{t-1}: [B, T, C]. Before the first token comes state["shift"] ([B, C], the
+    previous chunk's last input) or zeros for a fresh sequence; the new state's "shift" is x[:, -1]."""
+    prev = x.new_zeros(x.shape[0], 1, x.shape[2]) if state is None else state["shift"][:, None]
+    return torch.cat((prev, x[:, :-1]), dim=1)
+
+
+class TeacherProjections(nn.Module):
+    """The teacher attention's q/k/v/o projections (+ Qwen3 q_norm/k_norm) under the teacher's
+    names, so that build_student copies them by state_dict key. Base of every time mix that reuses
+    them (converted RWKV layers and the kept softmax attention)."""
+
+    def __init__(self, shape: TeacherShape) -> None:
+        super().__init__()
+        C, D, H_kv = shape.hidden_size, shape.head_dim, shape.num_kv_heads
+        self.head_dim = D
+        self.n_rep = shape.num_heads // H_kv  # query heads per KV head (GQA)
+        self.q_proj = nn.Linear(C, shape.num_heads * D, bias=shape.qkv_bias)
+        self.k_proj = nn.Linear(C, H_kv * D, bias=shape.qkv_bias)
+        self.v_proj = nn.Linear(C, H_kv * D, bias=shape.qkv_bias)
+        self.o_proj = nn.Linear(shape.num_heads * D, C, bias=shape.o_bias)
+        self.q_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
+
+    def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, T, C] -> q [B, T, H_t, D], k [B, T, H_kv, D], v [B, T, H_kv, D] as the teacher makes
+        them: projections, q/k norms, then RoPE (cos, sin) on q and k unless rope is None."""
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, D))
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, D))
+        v = self.v_proj(x).view(B, T, -1, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v

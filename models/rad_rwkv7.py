@@ -3,6 +3,8 @@ recurrence with data-dependent decay, in-context learning rate and value residua
 
 Shapes: B batch, T time, C model width, A = H_t * D attention width (= C for most teachers),
 H_t teacher heads of size D, H_kv teacher KV heads, H = A / N student heads of size N.
+Recurrent state (the protocol of models/student.py): {"wkv": [B, H, N, N]}, the WKV state after
+the last token; there is no token shift, so nothing else is carried.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from models.layers import LoRA, RMSNorm, apply_rope, repeat_kv
+from models.layers import LoRA, TeacherProjections, repeat_kv
 
 if TYPE_CHECKING:
     from models.student import StudentConfig, TeacherShape
@@ -28,30 +30,19 @@ def decay_init(layer_id: int, n_layers: int, dim: int) -> Tensor:
     return -7 + 5 * (n / (dim - 1)) ** (0.85 + math.sqrt(ratio)) + 0.5
 
 
-class RadRWKV7(nn.Module):
+class RadRWKV7(TeacherProjections):
     """o = W_o(GroupNorm_H(WKV7(r, log w, k~, v, -kk, kk*a)) * g), r/k with the teacher's RoPE."""
 
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
-        super().__init__()
-        C, D = shape.hidden_size, shape.head_dim
-        A = shape.num_heads * D
-        self.layer_id = layer_id
-        self.head_dim, self.head_size = D, cfg.head_size
-        self.n_rep = shape.num_heads // shape.num_kv_heads
+        super().__init__(shape)
+        C, A = shape.hidden_size, shape.num_heads * shape.head_dim
+        self.head_size = cfg.head_size
         self.backend = cfg.backend
-
-        self.q_proj = nn.Linear(C, A, bias=shape.qkv_bias)
-        self.k_proj = nn.Linear(C, shape.num_kv_heads * D, bias=shape.qkv_bias)
-        self.v_proj = nn.Linear(C, shape.num_kv_heads * D, bias=shape.qkv_bias)
-        self.o_proj = nn.Linear(A, C, bias=shape.o_bias)
-        self.q_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
-
         self.w_lora = LoRA(C, cfg.w_lora, A, act=torch.tanh)
         self.a_lora = LoRA(C, cfg.a_lora, A)
         self.g_lora = LoRA(C, cfg.g_lora, A, act=torch.sigmoid, bias=False)
-        # layer 0 supplies v_first and mixes nothing into its own v
-        self.v_lora = LoRA(C, cfg.v_lora, A) if layer_id > 0 else None
+        # the layer that supplies v_first mixes nothing into its own v
+        self.v_lora = LoRA(C, cfg.v_lora, A) if layer_id != cfg.v_first_layer else None
         with torch.no_grad():
             self.w_lora.bias.copy_(decay_init(layer_id, shape.num_layers, A))
             if self.v_lora is not None:
@@ -63,18 +54,16 @@ class RadRWKV7(nn.Module):
     def rkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, C] -> r, k, v: [B, T, A], the teacher's q, k, v (+q/k norm, RoPE, GQA repeat)."""
         B, T, _ = x.shape
-        D = self.head_dim
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, D))  # [B, T, H_t, D]
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, D))  # [B, T, H_kv, D]
-        v = self.v_proj(x).view(B, T, -1, D)  # [B, T, H_kv, D]
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self.qkv(x, rope)  # [B, T, H_t, D], [B, T, H_kv, D] x 2
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [B, T, H_t, D]
         return q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor],
-                v_first: Tensor | None) -> tuple[Tensor, Tensor]:
-        """x: [B, T, C] normalized layer input; rope: (cos, sin) [1, T, D];
-        v_first: [B, T, A] layer 0's v (None in layer 0). Returns (o [B, T, C], v_first)."""
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
+                state: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """x: [B, T, C] normalized layer input; rope: (cos, sin) [1, T, D] at the tokens' absolute
+        positions; v_first: [B, T, A] the first RWKV layer's v (None in that layer); state: None
+        for a fresh sequence, else {"wkv": [B, H, N, N]} after the previous token.
+        Returns (o [B, T, C], v_first, {"wkv": state after the last token})."""
         B, T, _ = x.shape
         N = self.head_size
         r, k, v = self.rkv(x, rope)  # [B, T, A]
@@ -87,8 +76,20 @@ class RadRWKV7(nn.Module):
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v_lora(x))
-        heads = (t.view(B, T, -1, N) for t in (r, log_w, k, v, -kk, kk * a))  # [B, T, H, N]
-        y, _ = kernels.wkv7(*heads, backend=self.backend)
+        heads = [t.view(B, T, -1, N) for t in (r, log_w, k, v, -kk, kk * a)]  # [B, T, H, N]
+        y, s = self.wkv(heads, None if state is None else state["wkv"])
         y = y.reshape(B, T, -1)  # [B, T, A]
         y = self.ln_x(y.reshape(B * T, -1)).view(B, T, -1) if self.ln_x is not None else y / math.sqrt(N)
-        return self.o_proj(y * g), v_first
+        return self.o_proj(y * g), v_first, {"wkv": s}
+
+    def wkv(self, heads: list[Tensor], s0: Tensor | None) -> tuple[Tensor, Tensor]:
+        """heads: r, log w, k, v, a, b [B, T, H, N]; s0: [B, H, N, N] or None (zeros).
+        -> (y [B, T, H, N], final state [B, H, N, N]). One token without autograd takes the step
+        kernel (the fast generation path; the step kernels are forward-only)."""
+        B, T, H, N = heads[0].shape
+        if T > 1 or torch.is_grad_enabled():
+            return kernels.wkv7(*heads, initial_state=s0, output_final_state=True, backend=self.backend)
+        if s0 is None:
+            s0 = heads[0].new_zeros(B, H, N, N, dtype=torch.promote_types(heads[0].dtype, torch.float32))
+        y, s = kernels.wkv7_step(*(t[:, 0] for t in heads), s0, backend=self.backend)
+        return y[:, None], s

@@ -1,29 +1,48 @@
 """The RWKV student LM: the teacher's embeddings, norms, MLPs and untied lm_head around
-RWKV time-mix layers initialized from the teacher's attention (DESIGN §4).
+RWKV time-mix layers initialized from the teacher's attention (DESIGN §4); a hybrid keeps the
+teacher's softmax attention in the layers listed in `attention_layers`.
 
 Shapes: B batch, T time, C model width, V vocabulary, D teacher head_dim.
-A time-mix class plugs in by name through TIME_MIX: it is built as cls(shape, cfg, layer_id),
-is called as (x [B,T,C], rope (cos, sin), v_first) -> (out [B,T,C], v_first), and names the
-teacher's attention weights it reuses exactly as the teacher's attention module does
-(q_proj, k_proj, ...), so build_student copies them by state_dict key.
+
+Recurrent state protocol. A time-mix class plugs in by name through TIME_MIX: it is built as
+cls(shape, cfg, layer_id) and called as
+    (x [B,T,C], rope (cos, sin) [1,T,D] at the tokens' absolute positions, v_first [B,T,C] | None,
+     state: dict[str, Tensor] | None) -> (out [B,T,C], v_first, new_state: dict[str, Tensor])
+where state None starts a fresh sequence and new_state fully describes the layer after the last of
+the T tokens (e.g. {"wkv": [B,H,N,N]}, + {"shift": [B,C]} with token shift; the KV cache {"k", "v"}
+for kept attention). It names the teacher's attention weights it reuses exactly as the teacher's
+attention module does (q_proj, k_proj, ...), so build_student copies them by state_dict key.
+An FFN plugs in through FFN: built as FFN[name](shape, cfg, layer_id), called as
+(x [B,T,C], state) -> (out [B,T,C], new_state) ({} when stateless, like the teacher's MLP).
+v_first: the v of the first layer that is not kept attention (StudentConfig.v_first_layer);
+kept attention layers before it pass None through, later ones pass v_first through.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
+from models.attention import TeacherAttention
 from models.layers import GatedMLP, RMSNorm
 from models.rad_rwkv7 import RadRWKV7
 from models.teacher import check_teacher_family
 
+
+def teacher_mlp(shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> GatedMLP:
+    """The teacher's gated MLP (weights copied by build_student)."""
+    return GatedMLP(shape.hidden_size, shape.intermediate_size, shape.hidden_act, shape.mlp_bias)
+
+
 TIME_MIX: dict[str, type[nn.Module]] = {"rad_rwkv7": RadRWKV7}
+FFN: dict[str, Callable[[TeacherShape, StudentConfig, int], nn.Module]] = {"teacher": teacher_mlp}
 
 
 @dataclass
@@ -38,6 +57,15 @@ class StudentConfig:
     v_lora: int | None = None
     g_lora: int | None = None
     backend: str = "auto"  # kernels.wkv7 backend
+    attention_layers: list[int] = field(default_factory=list)  # hybrid: keep the teacher's attention here
+    ffn: str = "teacher"  # key of FFN: "teacher" = its MLP, copied; "rwkv" = RWKV-7 channel mix, new
+
+    @property
+    def v_first_layer(self) -> int:
+        """The layer whose v is v_first: the first one that is not kept attention (the value
+        residual is an RWKV-7 piece; softmax layers have nothing to mix it into). Equals the
+        number of layers when every layer is kept attention: then no layer asks for it."""
+        return next(i for i in itertools.count() if i not in self.attention_layers)
 
 
 @dataclass(frozen=True)
@@ -57,6 +85,7 @@ class TeacherShape:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool  # Qwen3-style per-head q_norm/k_norm
+    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: full causal everywhere
 
     @classmethod
     def of(cls, teacher: nn.Module) -> TeacherShape:
@@ -73,7 +102,16 @@ class TeacherShape:
             head_dim=attn.head_dim, hidden_act=c.hidden_act, rms_norm_eps=c.rms_norm_eps,
             qkv_bias=attn.q_proj.bias is not None, o_bias=attn.o_proj.bias is not None,
             mlp_bias=layer.mlp.gate_proj.bias is not None, qk_norm=hasattr(attn, "q_norm"),
+            sliding_windows=sliding_windows(teacher),
         )
+
+
+def sliding_windows(teacher: nn.Module) -> tuple[int | None, ...] | None:
+    """Each layer's attention window, None when no layer has one. Qwen2/3 set it per attention
+    module (None in full-attention layers); Mistral only in the config, for every layer."""
+    windows = tuple(getattr(layer.self_attn, "sliding_window", getattr(teacher.config, "sliding_window", None))
+                    for layer in teacher.model.layers)
+    return None if all(w is None for w in windows) else windows
 
 
 def lora_rank(factor: float, dim: int) -> int:
@@ -90,6 +128,12 @@ def resolve(cfg: StudentConfig, shape: TeacherShape) -> StudentConfig:
     """cfg with every None filled in from the teacher; ValueError on invalid choices."""
     if cfg.time_mix not in TIME_MIX:
         raise ValueError(f"time_mix={cfg.time_mix!r} is unknown; valid: {sorted(TIME_MIX)}")
+    if cfg.ffn not in FFN:
+        raise ValueError(f"ffn={cfg.ffn!r} is unknown; valid: {sorted(FFN)}")
+    L = shape.num_layers
+    if any(not isinstance(i, int) or not 0 <= i < L for i in cfg.attention_layers):
+        raise ValueError(f"attention_layers={list(cfg.attention_layers)} must be layer indices of the "
+                         f"teacher; valid: 0..{L - 1}")
     head_size = shape.head_dim if cfg.head_size is None else cfg.head_size
     if head_size not in valid_head_sizes(shape):
         raise ValueError(f"head_size={cfg.head_size} must be a multiple of the teacher head_dim "
@@ -104,13 +148,24 @@ def resolve(cfg: StudentConfig, shape: TeacherShape) -> StudentConfig:
             if given < 1:
                 raise ValueError(f"{name}={given} must be a positive LoRA rank")
             ranks[name] = given
-    return dataclasses.replace(cfg, head_size=head_size, **ranks)
+    return dataclasses.replace(cfg, head_size=head_size, attention_layers=sorted(set(cfg.attention_layers)),
+                               **ranks)
+
+
+@dataclass
+class StudentState:
+    """A batch of sequences after the tokens seen so far: forward(next_ids, state) continues them."""
+
+    position: int  # absolute position of the next token = tokens seen so far
+    time_mix: list[dict[str, Tensor]]  # per layer, e.g. {"wkv": [B, H, N, N]} or {"k", "v"} KV cache
+    ffn: list[dict[str, Tensor]]  # per layer, {} for the teacher's MLP
 
 
 @dataclass
 class StudentOutput:
     hidden_states: list[Tensor]  # residual stream after each block, [B, T, C] each
     last_hidden: Tensor  # after the final norm, [B, T, C]: logits = lm_head(last_hidden)
+    state: StudentState  # after the last token: pass it to continue the sequences
 
 
 class Block(nn.Module):
@@ -119,17 +174,20 @@ class Block(nn.Module):
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__()
         C = shape.hidden_size
+        time_mix = TeacherAttention if layer_id in cfg.attention_layers else TIME_MIX[cfg.time_mix]
         self.input_layernorm = RMSNorm(C, shape.rms_norm_eps)
-        self.time_mix = TIME_MIX[cfg.time_mix](shape, cfg, layer_id)
+        self.time_mix = time_mix(shape, cfg, layer_id)
         self.post_attention_layernorm = RMSNorm(C, shape.rms_norm_eps)
-        self.mlp = GatedMLP(C, shape.intermediate_size, shape.hidden_act, shape.mlp_bias)
+        self.mlp = FFN[cfg.ffn](shape, cfg, layer_id)
 
-    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor],
-                v_first: Tensor | None) -> tuple[Tensor, Tensor]:
-        out, v_first = self.time_mix(self.input_layernorm(h), rope, v_first)
+    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
+                time_mix_state: dict[str, Tensor] | None = None, ffn_state: dict[str, Tensor] | None = None,
+                ) -> tuple[Tensor, Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """h: [B, T, C] -> (h [B, T, C], v_first, new time-mix state, new FFN state)."""
+        out, v_first, time_mix_state = self.time_mix(self.input_layernorm(h), rope, v_first, time_mix_state)
         h = h + out
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, v_first
+        out, ffn_state = self.mlp(self.post_attention_layernorm(h), ffn_state)
+        return h + out, v_first, time_mix_state, ffn_state
 
 
 class StudentLM(nn.Module):
@@ -147,41 +205,83 @@ class StudentLM(nn.Module):
         self.lm_head = nn.Linear(C, shape.vocab_size, bias=False)
         self.rotary_emb = rotary_emb
 
-    def rope(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin), each [1, T, D] in x's dtype, for positions 0..T-1 of x [B, T, C]."""
-        positions = torch.arange(x.shape[1], device=x.device)[None]  # [1, T]
+    def rope(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each [1, T, D] in x's dtype, for positions start..start+T-1 of x [B, T, C]."""
+        positions = torch.arange(start, start + x.shape[1], device=x.device)[None]  # [1, T]
         return self.rotary_emb(x, positions)
 
-    def forward(self, input_ids: Tensor) -> StudentOutput:
-        """input_ids: [B, T] -> residual after each block and the final normed hidden, [B, T, C]."""
+    def forward(self, input_ids: Tensor, state: StudentState | None = None) -> StudentOutput:
+        """input_ids: [B, T] -> residual after each block and the final normed hidden, [B, T, C],
+        and the state after the last token. state None starts fresh sequences; a state from an
+        earlier call continues them (same outputs as one forward over all the tokens)."""
+        start = 0 if state is None else state.position
         h = self.embed_tokens(input_ids)  # [B, T, C]
-        rope = self.rope(h)
+        rope = self.rope(h, start)
         v_first = None
-        hidden_states = []
-        for block in self.layers:
-            h, v_first = block(h, rope, v_first)
+        hidden_states, time_mix_states, ffn_states = [], [], []
+        for i, block in enumerate(self.layers):
+            carried = (None, None) if state is None else (state.time_mix[i], state.ffn[i])
+            h, v_first, time_mix_state, ffn_state = block(h, rope, v_first, *carried)
             hidden_states.append(h)
-        return StudentOutput(hidden_states, self.norm(h))
+            time_mix_states.append(time_mix_state)
+            ffn_states.append(ffn_state)
+        new_state = StudentState(start + input_ids.shape[1], time_mix_states, ffn_states)
+        return StudentOutput(hidden_states, self.norm(h), new_state)
 
     def logits(self, input_ids: Tensor) -> Tensor:
         """input_ids: [B, T] -> [B, T, V] (materializes the full logits; for small inputs)."""
         return self.lm_head(self(input_ids).last_hidden)
 
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
+        """Greedy decoding: input_ids [B, T] -> [B, T + n], n <= max_new_tokens new tokens.
+
+        One parallel forward over the prompt, then one token per forward from the recurrent
+        state: constant memory per token in RWKV layers, a growing KV cache in kept attention
+        layers. A row that emits eos_token_id continues with it; decoding stops early once every
+        row has emitted it."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+        ids, out = input_ids, self(input_ids)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # [B]
+        for step in range(max_new_tokens):
+            token = self.lm_head(out.last_hidden[:, -1]).argmax(-1)  # [B]
+            if eos_token_id is not None:
+                token = token.masked_fill(done, eos_token_id)
+                done |= token == eos_token_id
+            ids = torch.cat((ids, token[:, None]), dim=1)
+            if step + 1 == max_new_tokens or done.all():
+                break
+            out = self(token[:, None], out.state)
+        return ids
+
     def time_mix_outputs(self, attn_inputs: list[Tensor]) -> list[Tensor]:
         """Layer i's time mix on attn_inputs[i] ([B, T, C] each, the teacher's normalized
-        attention inputs); v_first comes from layer 0 on attn_inputs[0]. -> list of [B, T, C]."""
+        attention inputs; a kept attention layer is its trainable copy); v_first comes from
+        layer cfg.v_first_layer on its own input. -> list of [B, T, C]."""
         rope = self.rope(attn_inputs[0])
         v_first = None
         outputs = []
         for block, x in zip(self.layers, attn_inputs, strict=True):
-            out, v_first = block.time_mix(x, rope, v_first)
+            out, v_first, _ = block.time_mix(x, rope, v_first)
             outputs.append(out)
         return outputs
 
     def time_mix_parameters(self) -> Iterator[nn.Parameter]:
-        """The parameters the align stage trains: every time-mix layer's, nothing else."""
+        """Every time-mix layer's parameters, kept attention layers included: what the align
+        stage trains (all of them are fitted to the teacher's attention outputs)."""
         for block in self.layers:
             yield from block.time_mix.parameters()
+
+    def new_parameters(self) -> Iterator[nn.Parameter]:
+        """time_mix_parameters() plus the FFNs when cfg.ffn is not the teacher's MLP (then they are
+        new and untrained): every parameter that does not already do the teacher's job. The
+        trainer decides what a stage trains; note the align loss (time_mix_outputs) runs no FFN,
+        so new FFNs learn only from losses over the full forward (kl, finetune)."""
+        yield from self.time_mix_parameters()
+        if self.config.ffn != "teacher":
+            for block in self.layers:
+                yield from block.mlp.parameters()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -195,19 +295,21 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> StudentLM:
     cfg = resolve(cfg, shape)
     dtype = torch.promote_types(teacher.model.embed_tokens.weight.dtype, torch.float32)
     student = StudentLM(shape, cfg, copy.deepcopy(teacher.model.rotary_emb)).to(dtype)
-    loaded = student.load_state_dict(teacher_state(teacher), strict=False)
+    loaded = student.load_state_dict(teacher_state(teacher, cfg), strict=False)
     if loaded.unexpected_keys:
         raise ValueError(f"teacher {type(teacher).__name__} has weights the student cannot hold: "
                          f"{loaded.unexpected_keys[:5]}")
-    assert all(".time_mix." in key for key in loaded.missing_keys), loaded.missing_keys
+    params, new = dict(student.named_parameters()), {id(p) for p in student.new_parameters()}
+    assert all(id(params[key]) in new for key in loaded.missing_keys), loaded.missing_keys
     return student.to(teacher.model.embed_tokens.weight.device)
 
 
-def teacher_state(teacher: nn.Module) -> dict[str, Tensor]:
-    """The teacher's weights under the student's names (self_attn -> time_mix, no "model.")."""
+def teacher_state(teacher: nn.Module, cfg: StudentConfig) -> dict[str, Tensor]:
+    """The teacher's weights under the student's names (self_attn -> time_mix, no "model."),
+    without its MLPs when the student's FFN is not the teacher's."""
     state = {}
     for key, value in teacher.state_dict().items():
-        if "rotary_emb" in key:
+        if "rotary_emb" in key or (".mlp." in key and cfg.ffn != "teacher"):
             continue
         key = key.removeprefix("model.").replace(".self_attn.", ".time_mix.")
         state[key] = value

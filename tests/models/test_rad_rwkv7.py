@@ -87,8 +87,8 @@ def test_matches_design_formulas(head_size, groupnorm):
         randomize(layer)
     cos, sin = random_rope(T, 8)
     x0, x1 = torch.randn(2, B, T, C, dtype=torch.float64)
-    out0, v_first = layers[0](x0, (cos, sin), None)
-    out1, v_first_after = layers[1](x1, (cos, sin), v_first)
+    out0, v_first, _ = layers[0](x0, (cos, sin), None)
+    out1, v_first_after, _ = layers[1](x1, (cos, sin), v_first)
     ref0, ref_v_first = reference_time_mix(layers[0], x0, cos, sin, None)
     ref1, _ = reference_time_mix(layers[1], x1, cos, sin, ref_v_first)
     torch.testing.assert_close(out0, ref0, rtol=1e-10, atol=1e-12)
@@ -133,7 +133,7 @@ def test_decay_range_and_finite_output_for_large_inputs():
     x = 30 * torch.randn(1, 6, 32, dtype=torch.float64)
     w = -math.exp(-0.5) * torch.sigmoid(tm.w_lora(x))
     assert w.exp().min() > 0.545 and w.exp().max() < 1
-    out, _ = tm(x, random_rope(6, 8), torch.randn(1, 6, 32, dtype=torch.float64))
+    out, _, _ = tm(x, random_rope(6, 8), torch.randn(1, 6, 32, dtype=torch.float64))
     assert torch.isfinite(out).all()
 
 
@@ -143,7 +143,7 @@ def test_gradients_reach_every_parameter():
     randomize(tm)  # at init W2 = A2 = V2 see a zero input (W1 = 0), so their gradient is 0
     x = torch.randn(2, 5, 32, dtype=torch.float64)
     v_first = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
-    out, _ = tm(x, random_rope(5, 8), v_first)
+    out, _, _ = tm(x, random_rope(5, 8), v_first)
     out.square().sum().backward()
     for name, p in tm.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -80,9 +80,12 @@ def test_copied_modules_equal_teacher_and_share_nothing(model_type, extra):
     torch.testing.assert_close(sm.embed_tokens(ids), tm.embed_tokens(ids), rtol=0, atol=0)
     torch.testing.assert_close(sm.norm(x), tm.norm(x), rtol=0, atol=0)
     for t_layer, s_layer in zip(tm.layers, sm.layers, strict=True):
-        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+        for name in ("input_layernorm", "post_attention_layernorm"):
             torch.testing.assert_close(getattr(s_layer, name)(x), getattr(t_layer, name)(x),
                                        rtol=0, atol=0)
+        mlp_out, mlp_state = s_layer.mlp(x)
+        torch.testing.assert_close(mlp_out, t_layer.mlp(x), rtol=0, atol=0)
+        assert mlp_state == {}
         attn_in = torch.randn(2, 5, 32, dtype=torch.float64)
         torch.testing.assert_close(s_layer.time_mix.o_proj(attn_in), t_layer.self_attn.o_proj(attn_in),
                                    rtol=0, atol=0)
@@ -165,7 +168,7 @@ def test_time_mix_outputs_equal_running_each_layer():
     xs = [torch.randn(2, 6, 32, dtype=torch.float64) for _ in range(3)]
     outs = student.time_mix_outputs(xs)
     rope = student.rope(xs[0])
-    out0, v_first = student.layers[0].time_mix(xs[0], rope, None)
+    out0, v_first, _ = student.layers[0].time_mix(xs[0], rope, None)
     torch.testing.assert_close(outs[0], out0, rtol=0, atol=0)
     for i in (1, 2):
         torch.testing.assert_close(outs[i], student.layers[i].time_mix(xs[i], rope, v_first)[0],
