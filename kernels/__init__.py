@@ -1,7 +1,8 @@
 """WKV operators (DESIGN §5): one entry point per operator, dispatching on `backend`.
 
 backend "torch": chunked pure PyTorch (any device). "triton": the Triton kernels (CUDA, or CPU under
-TRITON_INTERPRET=1). "auto": triton for CUDA inputs when its module imports, torch otherwise.
+TRITON_INTERPRET=1). "auto": triton for CUDA inputs when its module imports and serves
+the head size and dtypes (kernels.wkv_triton_common.SUPPORTED_N / SUPPORTED_DTYPES), torch otherwise.
 Inputs are validated here once, so the backends can assume them well formed.
 """
 
@@ -38,23 +39,37 @@ def _load_triton(op: str) -> Callable | str:
         return f"{module} does not provide {op}_triton ({err})"
 
 
-def _select(op: str, backend: str, device: torch.device) -> Callable:
-    """The function that runs op on device for the requested backend."""
+@lru_cache(maxsize=None)
+def _triton_serves(N: int, dtypes: frozenset[torch.dtype]) -> bool:
+    """Whether the Triton kernels take head size N and these input dtypes (they serve a few N only)."""
+    try:
+        common = importlib.import_module("kernels.wkv_triton_common")
+    except ImportError:
+        return False
+    return N in common.SUPPORTED_N and dtypes <= set(common.SUPPORTED_DTYPES)
+
+
+def _select(op: str, backend: str, device: torch.device, N: int, dtypes: frozenset[torch.dtype]) -> Callable:
+    """The function that runs op for the requested backend on inputs of head size N on device."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     if backend == "torch":
         return _TORCH[op]
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "auto":
-        found = _load_triton(op) if device.type == "cuda" else None
+        found = _load_triton(op) if device.type == "cuda" and _triton_serves(N, dtypes) else None
         return found if callable(found) else _TORCH[op]
-    if device.type != "cuda" and not interpret:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA inputs or TRITON_INTERPRET=1, got inputs on "
                          f"{device}; use backend='torch' or 'auto' there")
     found = _load_triton(op)
     if not callable(found):
         raise ValueError(f"backend='triton' is unavailable: {found}; use backend='torch' or 'auto'")
     return found
+
+
+def _backend_for(op: str, backend: str, *inputs: Tensor) -> Callable:
+    """_select for these inputs ([.., N] each; the first one's device)."""
+    return _select(op, backend, inputs[0].device, inputs[0].shape[-1], frozenset(x.dtype for x in inputs))
 
 
 def _check_same_shape(names: str, tensors: tuple[Tensor, ...], ndim: int, layout: str) -> None:
@@ -102,7 +117,7 @@ def wkv7(
     """
     _check_same_shape("r w k v a b", (r, w, k, v, a, b), 4, "[B, T, H, N]")
     _check_sequences(*r.shape, initial_state, cu_seqlens)
-    fn = _select("wkv7", backend, r.device)
+    fn = _backend_for("wkv7", backend, r, w, k, v, a, b)
     return fn(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
@@ -120,7 +135,7 @@ def wkv6(
     _check_same_shape("r k v w", (r, k, v, w), 4, "[B, T, H, N]")
     _check_u(u, *r.shape[2:])
     _check_sequences(*r.shape, initial_state, cu_seqlens)
-    fn = _select("wkv6", backend, r.device)
+    fn = _backend_for("wkv6", backend, r, k, v, w, u)
     return fn(r, k, v, w, u, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
@@ -140,7 +155,7 @@ def wkv7_step(
     """
     _check_same_shape("r w k v a b", (r, w, k, v, a, b), 3, "[B, H, N]")
     _check_step_state(state, *r.shape)
-    return _select("wkv7_step", backend, r.device)(r, w, k, v, a, b, state, scale=scale)
+    return _backend_for("wkv7_step", backend, r, w, k, v, a, b)(r, w, k, v, a, b, state, scale=scale)
 
 
 def wkv6_step(
@@ -154,4 +169,4 @@ def wkv6_step(
     _check_same_shape("r k v w", (r, k, v, w), 3, "[B, H, N]")
     _check_u(u, *r.shape[1:])
     _check_step_state(state, *r.shape)
-    return _select("wkv6_step", backend, r.device)(r, k, v, w, u, state, scale=scale)
+    return _backend_for("wkv6_step", backend, r, k, v, w, u)(r, k, v, w, u, state, scale=scale)

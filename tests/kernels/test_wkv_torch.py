@@ -238,3 +238,18 @@ def test_dispatch_routes_by_backend_and_device(name, monkeypatch):
     o_auto, s_auto = small_call(name, backend="auto")  # CPU inputs: auto means torch
     o_torch, s_torch = small_call(name, backend="torch")
     assert len(calls) == 1 and torch.equal(o_auto, o_torch) and torch.equal(s_auto, s_torch)
+
+
+@pytest.mark.parametrize("N, dtype, loads, picks_triton", [
+    (32, torch.bfloat16, True, True),
+    (8, torch.bfloat16, True, False),     # DESIGN §4: Triton serves N in {16, 32, 64, 128} only
+    (32, torch.float64, True, False),     # nor float64
+    (32, torch.float32, False, False),    # its module does not import
+])
+def test_auto_on_cuda_takes_triton_only_where_it_serves(N, dtype, loads, picks_triton, monkeypatch):
+    def fake_triton(*args, **kwargs):
+        raise AssertionError("selected only, never called")
+
+    monkeypatch.setattr(kernels, "_load_triton", lambda op: fake_triton if loads else "no module")
+    chosen = kernels._select("wkv7", "auto", torch.device("cuda"), N, frozenset({dtype, torch.float32}))
+    assert chosen is (fake_triton if picks_triton else kernels._TORCH["wkv7"])
