@@ -258,12 +258,14 @@ class StudentLM(nn.Module):
     def time_mix_outputs(self, attn_inputs: list[Tensor]) -> list[Tensor]:
         """Layer i's time mix on attn_inputs[i] ([B, T, C] each, the teacher's normalized
         attention inputs; a kept attention layer is its trainable copy); v_first comes from
-        layer cfg.v_first_layer on its own input. -> list of [B, T, C]."""
-        rope = self.rope(attn_inputs[0])
+        layer cfg.v_first_layer on its own input. -> list of [B, T, C] in the student's dtype
+        (a bf16 teacher's inputs are widened to it)."""
+        dtype = self.embed_tokens.weight.dtype
+        rope = self.rope(attn_inputs[0].to(dtype))
         v_first = None
         outputs = []
         for block, x in zip(self.layers, attn_inputs, strict=True):
-            out, v_first, _ = block.time_mix(x, rope, v_first)
+            out, v_first, _ = block.time_mix(x.to(dtype), rope, v_first)
             outputs.append(out)
         return outputs
 
