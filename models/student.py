@@ -31,8 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from models.attention import TeacherAttention
+from models.channel_mix import RWKV7ChannelMix
 from models.layers import GatedMLP, RMSNorm
+from models.rad_rwkv6 import RadRWKV6
 from models.rad_rwkv7 import RadRWKV7
+from models.rwkv7 import RWKV7TimeMix
 from models.teacher import check_teacher_family
 
 
@@ -41,8 +44,15 @@ def teacher_mlp(shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> Gated
     return GatedMLP(shape.hidden_size, shape.intermediate_size, shape.hidden_act, shape.mlp_bias)
 
 
-TIME_MIX: dict[str, type[nn.Module]] = {"rad_rwkv7": RadRWKV7}
-FFN: dict[str, Callable[[TeacherShape, StudentConfig, int], nn.Module]] = {"teacher": teacher_mlp}
+TIME_MIX: dict[str, type[nn.Module]] = {
+    "rad_rwkv7": RadRWKV7,
+    "rwkv7": RWKV7TimeMix,
+    "rad_rwkv6": RadRWKV6,
+}
+FFN: dict[str, Callable[[TeacherShape, StudentConfig, int], nn.Module]] = {
+    "teacher": teacher_mlp,
+    "rwkv": RWKV7ChannelMix,
+}
 
 
 @dataclass
