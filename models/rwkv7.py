@@ -9,7 +9,9 @@ Recurrent state (the protocol of models/student.py): {"shift": [B, C] the last t
 
 Native RWKV-7 names of the parameters: q_proj/k_proj/v_proj/o_proj = receptance/key/value/output
 (the teacher's names, so build_student copies them by key), {w,a,v,g}_lora.{bias,down,up} =
-{w,a,v}0, {w,a,v,g}1, {w,a,v,g}2; x_r..x_g, k_k, k_a, r_k, ln_x as they are.
+{w,a,v}0, {w,a,v,g}1, {w,a,v,g}2; x_r..x_g, k_k, k_a, r_k, ln_x as they are (native vectors are
+[1, 1, C]). A teacher's q/k/v biases (Qwen2) and q/k norms (Qwen3) are kept, as in RAD-RWKV7; the
+native layout has neither, so only students of teachers without them (Llama, Mistral) map exactly.
 Choice DESIGN §4 leaves open: r_k starts at 0 (the reference uses -0.04). The WKV7 readout uses the
 state after the current token, so the teacher's attention to the current token is already there;
 a bonus at init would count it twice. Training grows r_k (its gradient is not blocked at 0).
