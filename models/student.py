@@ -119,8 +119,8 @@ class TeacherShape:
 def sliding_windows(teacher: nn.Module) -> tuple[int | None, ...] | None:
     """Each layer's attention window, None when no layer has one. Qwen2/3 set it per attention
     module (None in full-attention layers); Mistral only in the config, for every layer."""
-    windows = tuple(getattr(layer.self_attn, "sliding_window", getattr(teacher.config, "sliding_window", None))
-                    for layer in teacher.model.layers)
+    every_layer = getattr(teacher.config, "sliding_window", None)
+    windows = tuple(getattr(layer.self_attn, "sliding_window", every_layer) for layer in teacher.model.layers)
     return None if all(w is None for w in windows) else windows
 
 
