@@ -11,6 +11,7 @@ from models.layers import RMSNorm
 from models.rad_rwkv7 import decay_init
 from models.rwkv7 import RWKV7TimeMix
 from models.student import StudentConfig, build_student, resolve
+from models.teacher import FrozenTeacher
 from tests.models.test_rad_rwkv7 import randomize, shape
 from tests.models.test_student import FAMILIES, make_teacher
 
@@ -213,3 +214,30 @@ def test_gradients_reach_every_parameter_and_the_carried_state():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     for t in (v_first, state["shift"], state["wkv"]):
         assert t.grad.abs().sum() > 0
+
+
+def align_losses(time_mix: str, steps: int = 20) -> tuple[float, float]:
+    """The align-stage loss (mean over layers of ||y_teacher - y_student|| / sqrt(C)) of a student
+    built from a float32 qwen2 teacher, before and after `steps` Adam steps on its time mixes."""
+    torch.manual_seed(0)
+    teacher = make_teacher("qwen2", dtype=torch.float32)
+    target = FrozenTeacher(teacher)(torch.randint(0, 61, (2, 12)))
+    student = build_student(teacher, StudentConfig(time_mix=time_mix))
+    opt = torch.optim.Adam(student.time_mix_parameters(), lr=1e-2)
+
+    def loss_fn() -> torch.Tensor:
+        outs = student.time_mix_outputs(target.attn_inputs)
+        return torch.stack([(o - t).norm(dim=-1).mean() / 32 ** 0.5
+                            for o, t in zip(outs, target.attn_outputs, strict=True)]).mean()
+
+    first = loss_fn().item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    return first, loss_fn().item()
+
+
+def test_align_training_fits_the_teacher_attention():
+    first, last = align_losses("rwkv7")  # measured: 0.84 -> 0.20
+    assert last < 0.3 * first, (first, last)
