@@ -89,8 +89,9 @@ def test_wkv6_overflowing_masked_pairs_stay_out_fp32():
 
 
 @pytest.mark.parametrize("name", OPS)
-def test_bf16_within_contract(name):
-    compare_with_reference(name, 2, 63, 2, 16, dtype=torch.bfloat16, tol=1e-2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_within_contract(name, dtype):
+    compare_with_reference(name, 2, 63, 2, 16, dtype=dtype, tol=1e-2)
 
 
 @pytest.mark.parametrize("name", OPS)
