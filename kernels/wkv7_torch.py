@@ -62,7 +62,7 @@ class ChunkLayout:
             x = F.pad(x, (0, 0, 0, 0, 0, padded_T - self.T))
         else:
             x = x.new_zeros(1, padded_T, H, N).index_copy(1, self.index, x)
-        return x.view(B, self.n_chunks, self.chunk, H, N).permute(0, 3, 1, 2, 4).contiguous()
+        return x.reshape(B, self.n_chunks, self.chunk, H, N).permute(0, 3, 1, 2, 4).contiguous()
 
     def from_chunks(self, x: Tensor) -> Tensor:
         """[B, H, NC, C, V] -> [B, T, H, V], dropping the padding."""
