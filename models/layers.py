@@ -8,6 +8,7 @@ exactly, so weights copied from a teacher give the teacher's numbers.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import TYPE_CHECKING, Callable
 
@@ -96,6 +97,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     """[B, T, H_kv, D] -> [B, T, H_kv * n_rep, D]; head h reads KV head h // n_rep (GQA)."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)
+
+
+def normalize_heads(y: Tensor, ln_x: nn.GroupNorm | None, N: int) -> Tensor:
+    """y: [B, T, A] -> GroupNorm over each head of size N, or y / sqrt(N) without ln_x."""
+    B, T, _ = y.shape
+    if ln_x is None:
+        return y / math.sqrt(N)
+    return ln_x(y.reshape(B * T, -1)).view(B, T, -1)  # reshape: a backend may return y non-contiguous
 
 
 def token_shift(x: Tensor, state: dict[str, Tensor] | None) -> Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from models.layers import LoRA, TeacherProjections, repeat_kv
+from models.layers import LoRA, TeacherProjections, normalize_heads, repeat_kv
 
 if TYPE_CHECKING:
     from models.student import StudentConfig, TeacherShape
@@ -67,20 +67,27 @@ class RadRWKV7(TeacherProjections):
         B, T, _ = x.shape
         N = self.head_size
         r, k, v = self.rkv(x, rope)  # [B, T, A]
-        log_w = -math.exp(-0.5) * torch.sigmoid(self.w_lora(x))  # decay e^{log w} in (0.545, 1)
-        a = torch.sigmoid(self.a_lora(x))  # in-context learning rate
-        g = self.g_lora(x)
-        kk = F.normalize((k * self.k_k).view(B, T, -1, N), dim=-1).view(B, T, -1)
+        operands, v_first = self.wkv7_operands(k, v, v_first, x, x, x)
+        heads = [t.view(B, T, -1, N) for t in (r, *operands)]  # [B, T, H, N]
+        y, s = self.wkv(heads, None if state is None else state["wkv"])
+        y = normalize_heads(y.reshape(B, T, -1), self.ln_x, N)  # [B, T, A]
+        return self.o_proj(y * self.g_lora(x)), v_first, {"wkv": s}
+
+    def wkv7_operands(self, k: Tensor, v: Tensor, v_first: Tensor | None, xw: Tensor, xa: Tensor,
+                      xv: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The WKV7 operands after r from k, v [B, T, A] and the inputs of the w, a, v LoRAs
+        xw, xa, xv [B, T, C] (all x here; token-shifted mixes in RWKV-7):
+        ([log w, k~, v, -kk, kk * a] each [B, T, A], v_first)."""
+        B, T, _ = k.shape
+        log_w = -math.exp(-0.5) * torch.sigmoid(self.w_lora(xw))  # decay e^{log w} in (0.545, 1)
+        a = torch.sigmoid(self.a_lora(xa))  # in-context learning rate
+        kk = F.normalize((k * self.k_k).view(B, T, -1, self.head_size), dim=-1).view(B, T, -1)
         k = k * (1 + (a - 1) * self.k_a)
         if self.v_lora is None:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v_lora(x))
-        heads = [t.view(B, T, -1, N) for t in (r, log_w, k, v, -kk, kk * a)]  # [B, T, H, N]
-        y, s = self.wkv(heads, None if state is None else state["wkv"])
-        y = y.reshape(B, T, -1)  # [B, T, A]
-        y = self.ln_x(y.reshape(B * T, -1)).view(B, T, -1) if self.ln_x is not None else y / math.sqrt(N)
-        return self.o_proj(y * g), v_first, {"wkv": s}
+            v = v + (v_first - v) * torch.sigmoid(self.v_lora(xv))
+        return [log_w, k, v, -kk, kk * a], v_first
 
     def wkv(self, heads: list[Tensor], s0: Tensor | None) -> tuple[Tensor, Tensor]:
         """heads: r, log w, k, v, a, b [B, T, H, N]; s0: [B, H, N, N] or None (zeros).
