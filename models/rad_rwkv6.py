@@ -23,8 +23,7 @@ import torch
 from torch import Tensor, nn
 
 import kernels
-from models.layers import LoRA, TeacherProjections, repeat_kv, token_shift
-from models.rwkv7 import normalize_heads
+from models.layers import LoRA, TeacherProjections, normalize_heads, repeat_kv, token_shift
 
 if TYPE_CHECKING:
     from models.student import StudentConfig, TeacherShape

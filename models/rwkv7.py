@@ -19,14 +19,12 @@ a bonus at init would count it twice. Training grows r_k (its gradient is not bl
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.layers import token_shift
+from models.layers import normalize_heads, token_shift
 from models.rad_rwkv7 import RadRWKV7
 
 if TYPE_CHECKING:
@@ -40,14 +38,6 @@ def shift_lerp_init(dim: int, exponent: float) -> Tensor:
     """mu_n = 1 - (n / dim)^exponent, [dim] float64: the RWKV reference token-shift lerp init
     (mu_0 = 1 takes the previous token fully; mu_n falls towards 0 over the channels)."""
     return 1 - (torch.arange(dim, dtype=torch.float64) / dim) ** exponent
-
-
-def normalize_heads(y: Tensor, ln_x: nn.GroupNorm | None, N: int) -> Tensor:
-    """y: [B, T, A] -> GroupNorm over each head of size N, or y / sqrt(N) without ln_x."""
-    B, T, _ = y.shape
-    if ln_x is None:
-        return y / math.sqrt(N)
-    return ln_x(y.reshape(B * T, -1)).view(B, T, -1)  # reshape: a backend may return y non-contiguous
 
 
 def widen_kv(module: RWKV7TimeMix, state_dict: dict[str, Tensor], prefix: str, *args) -> None:
@@ -82,21 +72,6 @@ class RWKV7TimeMix(RadRWKV7):
             self.register_parameter(name, nn.Parameter(shift_lerp_init(C, exponent * depth).float()))
         self.r_k = nn.Parameter(torch.zeros(A // cfg.head_size, cfg.head_size))  # [H, N]
 
-    def wkv7_operands(self, k: Tensor, v: Tensor, v_first: Tensor | None, xw: Tensor, xa: Tensor,
-                      xv: Tensor) -> tuple[list[Tensor], Tensor | None]:
-        """The RAD-RWKV7 WKV7 operands from k, v [B, T, A] and the LoRA inputs xw, xa, xv [B, T, C]:
-        ([log w, k~, v, -kk, kk * a] each [B, T, A], v_first)."""
-        B, T, _ = k.shape
-        log_w = -math.exp(-0.5) * torch.sigmoid(self.w_lora(xw))  # decay e^{log w} in (0.545, 1)
-        a = torch.sigmoid(self.a_lora(xa))  # in-context learning rate
-        kk = F.normalize((k * self.k_k).view(B, T, -1, self.head_size), dim=-1).view(B, T, -1)
-        k = k * (1 + (a - 1) * self.k_a)
-        if self.v_lora is None:
-            v_first = v
-        else:
-            v = v + (v_first - v) * torch.sigmoid(self.v_lora(xv))
-        return [log_w, k, v, -kk, kk * a], v_first
-
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
                 state: dict[str, Tensor] | None = None
                 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
@@ -113,7 +88,7 @@ class RWKV7TimeMix(RadRWKV7):
         heads = [t.view(B, T, -1, N) for t in (r, *operands)]  # [B, T, H, N]
         y, wkv = self.wkv(heads, None if state is None else state["wkv"])
         y = normalize_heads(y.reshape(B, T, -1), self.ln_x, N)  # [B, T, A]
-        k, v = operands[1].view(B, T, -1, N), operands[2].view(B, T, -1, N)  # k~, mixed v
-        bonus = (r.view(B, T, -1, N) * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, N]
+        r, k, v = heads[0], heads[2], heads[3]  # r, k~, mixed v [B, T, H, N]
+        bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, N]
         out = self.o_proj((y + bonus.view(B, T, -1)) * self.g_lora(xg))
         return out, v_first, {"shift": x[:, -1], "wkv": wkv}
