@@ -74,6 +74,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         ]
         rows += [(f"stage {s['name']}", f"{s['steps']} steps, {s['tokens']:,} tokens, final loss {s['final_loss']:.4f}")
                  for s in summary["stages"]]
+    if "alignment_errors" in summary:
+        rows.append(("align error per layer", " ".join(f"{e:.3f}" for e in summary["alignment_errors"])))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     cont = summary.get("continuation")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from distill.losses import logit_stats
+from models.diagnostics import alignment_errors
 
 
 @torch.no_grad()
@@ -51,38 +52,31 @@ def compare_on_batches(teacher, student, batches: Iterable[dict[str, Tensor]],
     }
 
 
+def _cut_at(ids: list[int], stop_ids: set[int]) -> list[int]:
+    return next((ids[:i] for i, t in enumerate(ids) if t in stop_ids), ids)
+
+
 @torch.no_grad()
-def greedy_continue(next_logits: Callable[[Tensor], Tensor], prompt_ids: list[int], max_new_tokens: int,
-                    device: torch.device, stop_ids: Iterable[int] = ()) -> list[int]:
-    """Greedy decoding by repeated full forwards; `next_logits(ids [1, t]) -> [1, V]`."""
-    stop = set(stop_ids)
-    ids = torch.tensor([prompt_ids], device=device)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(next_logits(ids).argmax(-1))
-        if token in stop:
-            break
-        new.append(token)
-        ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
-    return new
-
-
-def teacher_next_logits(teacher) -> Callable[[Tensor], Tensor]:
-    return lambda ids: teacher.lm_head(teacher(ids).last_hidden[:, -1])
-
-
-def student_next_logits(student) -> Callable[[Tensor], Tensor]:
-    return lambda ids: student.lm_head(student(ids).last_hidden[:, -1])
-
-
 def continuations(teacher, student, tokenizer, prompt: str, max_new_tokens: int = 48) -> dict[str, str]:
-    """The same prompt continued greedily by teacher and student (decoded text)."""
+    """The same prompt continued greedily by teacher (HF generate, KV cache) and student
+    (recurrent state, O(1) per token), decoded up to the first end-of-document token."""
     device = next(student.parameters()).device
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
     if tokenizer.bos_token_id is not None:
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    stops = [t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None]
+    ids = torch.tensor([prompt_ids], device=device)  # [1, T]
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
+    teacher_ids = teacher.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=max_new_tokens, pad_token_id=next(iter(stops), 0))
+    student_ids = student.generate(ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     out = {"prompt": prompt}
-    for name, fn in (("teacher", teacher_next_logits(teacher)), ("student", student_next_logits(student))):
-        out[name] = tokenizer.decode(greedy_continue(fn, prompt_ids, max_new_tokens, device, stops))
+    for name, generated in (("teacher", teacher_ids), ("student", student_ids)):
+        out[name] = tokenizer.decode(_cut_at(generated[0, ids.shape[1]:].tolist(), stops))
     return out
+
+
+@torch.no_grad()
+def alignment_errors_on(teacher, student, batch: dict[str, Tensor]) -> list[float]:
+    """Per-layer time-mix vs teacher-attention error (models.diagnostics) on one held-out batch."""
+    device = next(student.parameters()).device
+    return alignment_errors(teacher, student, batch["input_ids"].to(device))

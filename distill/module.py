@@ -71,6 +71,9 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.teacher.to(self.device)
+        # Lightning keeps each submodule's mode; parts copied from the eval-mode teacher (rotary_emb)
+        # would otherwise stay in eval mode, and evaluation leaves the student in eval mode too.
+        self.student.train()
 
     # ----- losses -------------------------------------------------------------------
     def stage_loss(self, input_ids: Tensor, labels: Tensor) -> dict[str, Tensor]:
@@ -79,7 +82,9 @@ class DistillModule(L.LightningModule):
         if self.stage.loss == "align":
             outputs = self.student.time_mix_outputs(teacher_out.attn_inputs)
             per_layer = torch.stack([l2_alignment(t, s) for t, s in zip(teacher_out.attn_outputs, outputs)])
-            return {"loss": per_layer.mean(), "align": per_layer.mean().detach()}
+            # Per-layer errors show which layers resist conversion (candidates for attention_layers).
+            layers = {f"align_layer{i}": e.detach() for i, e in enumerate(per_layer)}
+            return {"loss": per_layer.mean(), "align": per_layer.mean().detach(), **layers}
         student_out = self.student(input_ids)
         stats = logit_stats(teacher_out.last_hidden, self.teacher.lm_head,
                             student_out.last_hidden, self.student.lm_head, labels,

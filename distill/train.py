@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
-from distill.evaluation import compare_on_batches, continuations
+from distill.evaluation import alignment_errors_on, compare_on_batches, continuations
 from distill.module import DistillModule
 from distill.parallel import resolve_precision, teacher_dtype
 from distill.stages import Stage, stages_from_config
@@ -120,7 +120,8 @@ def summarize(cfg: DictConfig, module: DistillModule, teacher, tokenizer, studen
     teacher.to(device)
     student.eval()
     eval_data = make_data(cfg, tokenizer, teacher, cfg.evaluation.seq_len, cfg.evaluation.batch_size)
-    metrics = compare_on_batches(teacher, student, eval_data.heldout_batches(), cfg.kl_chunk_tokens)
+    batches = eval_data.heldout_batches()
+    metrics = compare_on_batches(teacher, student, batches, cfg.kl_chunk_tokens)
     stages = module.finished_stages
     tokens = sum(s["tokens"] for s in stages)
     train_seconds = sum(s["seconds"] for s in stages)
@@ -130,6 +131,7 @@ def summarize(cfg: DictConfig, module: DistillModule, teacher, tokenizer, studen
         "wall_seconds": time.time() - started,
         "tokens_per_second": tokens / max(train_seconds, 1e-9),
         "stages": stages,
+        "alignment_errors": alignment_errors_on(teacher, student, batches[0]),
         "continuation": continuations(teacher, student, tokenizer, cfg.evaluation.prompt,
                                       cfg.evaluation.max_new_tokens),
     }

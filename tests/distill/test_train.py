@@ -18,7 +18,7 @@ from tests.distill.helpers import ASSETS, REPO, compose_tiny_job, compose_train
 STORIES = ASSETS / "text" / "tinystories_valid_head45.txt"
 
 SUMMARY_KEYS = {"teacher_ppl", "student_ppl", "kl", "top1_agreement", "tokens_seen", "wall_seconds",
-                "tokens_per_second", "stages"}
+                "tokens_per_second", "stages", "alignment_errors"}
 
 
 def _metric(run_dir: Path, name: str) -> list[float]:
@@ -46,6 +46,7 @@ def test_summary_has_every_key_and_files(tiny_run):
         assert (run_dir / "checkpoints" / name).is_file()
     assert not list((run_dir / "checkpoints").glob("last-v*.ckpt"))
     assert 0 <= summary["top1_agreement"] <= 1 and summary["kl"] >= 0
+    assert len(summary["alignment_errors"]) == 2 and all(e >= 0 for e in summary["alignment_errors"])
 
 
 @pytest.fixture(scope="module")
