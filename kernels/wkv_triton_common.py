@@ -58,8 +58,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def block_v(N: int) -> int:
     """Value-block width: each program owns V columns [i_v*BV, (i_v+1)*BV) of the state.
-    N = 128 takes 32: a 64-wide block's backward needs more shared memory than an H100 has."""
-    return min(N, 64) if N <= 64 else 32
+
+    32 is the setting measured in BENCHMARKS.md: twice the programs of 64 at N = 64, and a 64-wide
+    backward spills more registers (kernels/NOTES.md); at N = 128 a 64-wide fp32 backward needs more
+    shared memory than an H100 has."""
+    return min(N, 32)
 
 
 def reduce_parts(part: Tensor, dtype: torch.dtype) -> Tensor:

@@ -7,7 +7,6 @@ full sizes on CUDA. Every check covers o, the final state and every gradient (in
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -15,218 +14,161 @@ import torch
 from kernels.reference import wkv6_reference, wkv7_reference
 from kernels.wkv6_triton import wkv6_step_triton, wkv6_triton
 from kernels.wkv7_triton import wkv7_step_triton, wkv7_triton
+from tests.kernels.conftest import (
+    WKV6_LOG_DECAY_MIN,
+    WKV7_LOG_DECAY_MIN,
+    assert_all_close,
+    leaf,
+    leaves,
+    outputs_and_grads,
+    random_state,
+    rel_err,
+    run_with_grads,
+    wkv6_inputs,
+    wkv7_inputs,
+)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-W7_MIN = -math.exp(-0.5)  # RWKV-7 log decay range [-e^{-1/2}, 0)
-W6_MIN = -5.0  # RWKV-6 log decay range [-5, 0)
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # DESIGN §5 contract
+EXACT = 1e-5  # same computation split differently: fp32 rounding only
+OPS = {
+    "wkv7": (wkv7_triton, wkv7_reference, wkv7_inputs, WKV7_LOG_DECAY_MIN),
+    "wkv6": (wkv6_triton, wkv6_reference, wkv6_inputs, WKV6_LOG_DECAY_MIN),
+}
+pytestmark = pytest.mark.usefixtures("nan_poison")
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| (Frobenius) in fp64; NaN anywhere gives inf."""
-    x, ref = x.double(), ref.double()
-    if not torch.isfinite(x).all():
-        return math.inf
-    return ((x - ref).norm() / ref.norm()).item()
+def on_device(inputs: dict, dtype: torch.dtype) -> dict:
+    return {n: x.to(dtype).to(DEV) for n, x in inputs.items()}
 
 
-@pytest.fixture(autouse=True)
-def nan_poison(monkeypatch):
-    """Fresh buffers start as NaN, so an output element the kernels never write fails the comparison."""
-    empty_like, new_empty = torch.empty_like, torch.Tensor.new_empty
-    poison = lambda t: t.fill_(math.nan) if t.is_floating_point() else t  # noqa: E731
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: poison(new_empty(self, *a, **kw)))
+def compare_with_reference(name: str, B: int, T: int, H: int, N: int, *, dtype: torch.dtype,
+                           scale: float = 0.5, with_state: bool = True, **input_kw) -> None:
+    """Triton on `dtype` inputs vs the fp64 reference on the same (rounded) values: o, s_T, all grads."""
+    op, reference, make_inputs, _ = OPS[name]
+    x = on_device(make_inputs(B, T, H, N, **input_kw), dtype)
+    s0 = random_state(B, H, N).to(DEV) if with_state else None
+    got = run_with_grads(op, leaves(x), None if s0 is None else leaf(s0), scale=scale)
+    ref = run_with_grads(reference, leaves(x, torch.float64), None if s0 is None else leaf(s0, torch.float64),
+                         scale=scale)
+    assert got["o"].dtype == dtype and got["s_T"].dtype == torch.float32
+    assert_all_close(got, ref, TOL[dtype])
 
 
-def wkv7_inputs(B, T, H, N, dtype, w_fill=None, seed=0):
-    """r, w, k, v, a, b as the RAD-RWKV7 layer makes them: a = -kk, b = kk * sigmoid(.), |kk| = 1."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda: torch.randn(B, T, H, N, generator=g, dtype=torch.float64)  # noqa: E731
-    r, k, v = rnd(), rnd(), rnd()
-    w = W7_MIN * torch.sigmoid(2 * rnd()) if w_fill is None else w_fill(B, T, H, N)
-    kk = torch.nn.functional.normalize(rnd(), dim=-1)
-    a, b = -kk, kk * torch.sigmoid(rnd())
-    return [x.to(dtype).to(DEV) for x in (r, w, k, v, a, b)]
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("T,N", [(1, 16), (15, 32), (37, 16), (33, 64), (20, 128)])
+def test_matches_reference_fp32(name, T, N):
+    compare_with_reference(name, 2, T, 2, N, dtype=torch.float32, seed=T)
 
 
-def wkv6_inputs(B, T, H, N, dtype, w_fill=None, seed=0):
-    """r, k, v, w, u with w in [-5, 0)."""
-    g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    r, k, v = rnd(B, T, H, N), rnd(B, T, H, N), rnd(B, T, H, N)
-    w = W6_MIN * torch.rand(B, T, H, N, generator=g, dtype=torch.float64) if w_fill is None else w_fill(B, T, H, N)
-    return [x.to(dtype).to(DEV) for x in (r, k, v, w, rnd(H, N))]
-
-
-def cotangents(o, s, seed=123):
-    """Fixed random fp64 gradients for o and the final state."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device),
-            torch.randn(s.shape, generator=g, dtype=torch.float64).to(s.device))
-
-
-def run_with_grads(fn, xs, h0, cot=None, **kw):
-    """(o, s_T, [grad of each x..., grad of h0]) under loss = <o, do> + <s_T, ds>; (do, ds) = cot or random."""
-    xs = [x.detach().clone().requires_grad_() for x in xs]
-    h0 = None if h0 is None else h0.detach().clone().requires_grad_()
-    o, s = fn(*xs, initial_state=h0, output_final_state=True, **kw)
-    do, ds = cot or cotangents(o, s)
-    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
-    return o, s, [x.grad for x in xs] + ([] if h0 is None else [h0.grad])
-
-
-def assert_matches_reference(fn, ref, xs, h0, tol, **kw):
-    o, s, grads = run_with_grads(fn, xs, h0, **kw)
-    o_ref, s_ref, grads_ref = run_with_grads(ref, [x.double() for x in xs], None if h0 is None else h0.double(), **kw)
-    errs = {"o": rel_err(o, o_ref), "s_T": rel_err(s, s_ref)}
-    errs.update({f"d{i}": rel_err(g_, r_) for i, (g_, r_) in enumerate(zip(grads, grads_ref))})
-    assert o.dtype == xs[0].dtype and s.dtype == torch.float32
-    assert max(errs.values()) <= tol, errs
-
-
-def random_state(n, H, N, seed=1):
-    return torch.randn(n, H, N, N, generator=torch.Generator().manual_seed(seed)).to(DEV)
-
-
-def w7_extremes(B, T, H, N):
-    """Exactly the lower bound, values a hair above it, and values just below 0, mixed per channel."""
-    w = torch.full((B, T, H, N), W7_MIN, dtype=torch.float64)
-    w[..., 1::3] = W7_MIN + 1e-6
-    w[..., 2::3] = -1e-6
-    return w
-
-
-def w6_extremes(B, T, H, N):
-    w = torch.full((B, T, H, N), W6_MIN, dtype=torch.float64)
-    w[..., 1::3] = W6_MIN + 1e-6
-    w[..., 2::3] = -1e-6
-    return w
-
-
-@pytest.mark.parametrize("T,N", [(1, 16), (15, 32), (37, 16), (20, 128)])
-def test_wkv7_matches_reference_fp32(T, N):
-    xs = wkv7_inputs(2, T, 2, N, torch.float32, seed=T)
-    assert_matches_reference(wkv7_triton, wkv7_reference, xs, random_state(2, 2, N), 1e-4, scale=0.5)
-
-
-@pytest.mark.parametrize("T,N", [(1, 16), (15, 32), (37, 16), (20, 128)])
-def test_wkv6_matches_reference_fp32(T, N):
-    xs = wkv6_inputs(2, T, 2, N, torch.float32, seed=T)
-    assert_matches_reference(wkv6_triton, wkv6_reference, xs, random_state(2, 2, N), 1e-4, scale=0.5)
-
-
+@pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs_match_reference(dtype):
-    assert_matches_reference(wkv7_triton, wkv7_reference, wkv7_inputs(1, 21, 2, 32, dtype), random_state(1, 2, 32),
-                             TOL[dtype])
-    assert_matches_reference(wkv6_triton, wkv6_reference, wkv6_inputs(1, 21, 2, 32, dtype), random_state(1, 2, 32),
-                             TOL[dtype])
+def test_half_inputs_match_reference(name, dtype):
+    compare_with_reference(name, 1, 21, 2, 32, dtype=dtype)
 
 
-def test_decay_range_ends_without_overflow():
-    """Log decays at exactly the lower bound, a hair above it, and just below 0, over several chunks."""
-    xs = wkv7_inputs(1, 40, 1, 16, torch.float32, w_fill=w7_extremes)
-    assert_matches_reference(wkv7_triton, wkv7_reference, xs, random_state(1, 1, 16), 1e-4)
-    xs = wkv6_inputs(1, 40, 1, 16, torch.float32, w_fill=w6_extremes)
-    assert_matches_reference(wkv6_triton, wkv6_reference, xs, random_state(1, 1, 16), 1e-4)
+@pytest.mark.parametrize("name", OPS)
+def test_decay_range_ends_without_overflow(name):
+    """Log decays at exactly the lower bound (half the entries), a hair above it, and just below 0,
+    over several chunks: no exp over- or underflow, gradients included."""
+    low = OPS[name][3]
+    compare_with_reference(name, 1, 40, 1, 16, dtype=torch.float32, decay=(low, low + 1e-6), lower_bound_share=0.5)
+    compare_with_reference(name, 1, 40, 1, 16, dtype=torch.float32, decay=(-1e-6, -1e-7))
 
 
-def test_no_initial_state_gives_state_from_zero():
-    assert_matches_reference(wkv7_triton, wkv7_reference, wkv7_inputs(1, 18, 1, 16, torch.float32), None, 1e-4)
-    assert_matches_reference(wkv6_triton, wkv6_reference, wkv6_inputs(1, 18, 1, 16, torch.float32), None, 1e-4)
+@pytest.mark.parametrize("name", OPS)
+def test_no_initial_state_starts_from_zero(name):
+    compare_with_reference(name, 1, 18, 1, 16, dtype=torch.float32, with_state=False)
 
 
-def split_time(xs, bounds):
-    """[1, T, ...] tensors -> one list per segment [start, end)."""
-    return [[x[:, s:e] if x.dim() == 4 else x for x in xs] for s, e in zip(bounds, bounds[1:])]
+def time_slice(inputs: dict, start: int, end: int) -> dict:
+    """Tokens start:end of every [B, T, H, N] input (u [H, N] has no time axis)."""
+    return {n: x if n == "u" else x[:, start:end] for n, x in inputs.items()}
 
 
-@pytest.mark.parametrize("op,make", [(wkv7_triton, wkv7_inputs), (wkv6_triton, wkv6_inputs)])
-def test_varlen_equals_separate_calls(op, make):
-    """3 packed sequences of lengths 5, 19, 10 == three calls (outputs, states, gradients)."""
-    bounds = [0, 5, 24, 34]
-    xs, h0 = make(1, 34, 2, 16, torch.float32), random_state(3, 2, 16)
-    cu = torch.tensor(bounds, dtype=torch.int32, device=DEV)
-    o, s, grads = run_with_grads(op, xs, h0, cu_seqlens=cu)
-    do, ds = cotangents(o, s)
-    o, s, grads = run_with_grads(op, xs, h0, (do, ds), cu_seqlens=cu)
-    n_time = sum(x.dim() == 4 for x in xs)  # per-token inputs come first
-    shared = [torch.zeros_like(x) for x in xs[n_time:]]  # wkv6's u: one for all sequences, gradients sum
-    for i, ((start, end), seg) in enumerate(zip(zip(bounds, bounds[1:]), split_time(xs, bounds))):
-        o_i, s_i, g_i = run_with_grads(op, seg, h0[i:i + 1], (do[:, start:end], ds[i:i + 1]))
-        assert rel_err(o[:, start:end], o_i) <= 1e-5 and rel_err(s[i:i + 1], s_i) <= 1e-5
-        for g_packed, g_sep in zip(grads[:n_time], g_i[:n_time]):
-            assert rel_err(g_packed[:, start:end], g_sep) <= 1e-5
-        assert rel_err(grads[-1][i:i + 1], g_i[-1]) <= 1e-5
-        for acc, g_sep in zip(shared, g_i[n_time:-1]):
-            acc += g_sep
-    for acc, g_packed in zip(shared, grads[n_time:-1]):
-        assert rel_err(g_packed, acc) <= 1e-5
+def concat_runs(runs: list[tuple]) -> tuple:
+    """(o, s_T) of parallel calls -> o joined along T, states along the batch."""
+    return torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs])
 
 
-@pytest.mark.parametrize("op,make", [(wkv7_triton, wkv7_inputs), (wkv6_triton, wkv6_inputs)])
-def test_state_passing_equals_one_call(op, make):
-    """Two calls with the final state handed on == one call over the whole sequence (values and grads)."""
-    xs, h0 = make(2, 30, 2, 16, torch.float32), random_state(2, 2, 16)
-    o, s, grads = run_with_grads(op, xs, h0)
+@pytest.mark.parametrize("name", OPS)
+def test_varlen_equals_separate_calls(name):
+    """Packed sequences (shorter than a chunk, empty, exactly two chunks, not a chunk multiple) ==
+    one call per sequence: outputs, final states and every gradient; states reset at each start."""
+    op = OPS[name][0]
+    bounds = [0, 5, 5, 37, 60]
+    x = leaves(on_device(OPS[name][2](1, bounds[-1], 2, 16), torch.float32))
+    s0 = leaf(random_state(len(bounds) - 1, 2, 16).to(DEV))
+    wrt = {**x, "s0": s0}
+    cu = torch.tensor(bounds, device=DEV)
+    packed = outputs_and_grads(lambda: op(*x.values(), initial_state=s0, output_final_state=True, cu_seqlens=cu), wrt)
+    separate = outputs_and_grads(lambda: concat_runs([
+        op(*time_slice(x, start, end).values(), initial_state=s0[i:i + 1], output_final_state=True)
+        for i, (start, end) in enumerate(zip(bounds, bounds[1:]))]), wrt)
+    assert_all_close(packed, separate, EXACT)
 
-    def two_calls(*ys, initial_state, output_final_state):
-        first, second = split_time(ys, [0, 13, 30])
-        o1, s1 = op(*first, initial_state=initial_state, output_final_state=True)
-        o2, s2 = op(*second, initial_state=s1, output_final_state=output_final_state)
-        return torch.cat([o1, o2], dim=1), s2
 
-    o2, s2, grads2 = run_with_grads(two_calls, xs, h0)
-    assert rel_err(o2, o) <= 1e-5 and rel_err(s2, s) <= 1e-5
-    assert max(rel_err(g2, g_) for g2, g_ in zip(grads2, grads)) <= 1e-5
+@pytest.mark.parametrize("name", OPS)
+def test_state_passing_equals_one_call(name):
+    """Two calls with the final state handed on == one call (values and every gradient)."""
+    op = OPS[name][0]
+    x = leaves(on_device(OPS[name][2](2, 30, 2, 16), torch.float32))
+    s0 = leaf(random_state(2, 2, 16).to(DEV))
+    wrt = {**x, "s0": s0}
+
+    def two_calls():  # 13 is not a whole number of chunks; the slices are non-contiguous views
+        o1, s1 = op(*time_slice(x, 0, 13).values(), initial_state=s0, output_final_state=True)
+        o2, s2 = op(*time_slice(x, 13, 30).values(), initial_state=s1, output_final_state=True)
+        return torch.cat([o1, o2], 1), s2
+
+    one = outputs_and_grads(lambda: op(*x.values(), initial_state=s0, output_final_state=True), wrt)
+    assert_all_close(outputs_and_grads(two_calls, wrt), one, EXACT)
 
 
+STEPS = {"wkv7": wkv7_step_triton, "wkv6": wkv6_step_triton}
+
+
+@pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("N", [16, 64])
-def test_step_kernels_match_reference(N):
+def test_steps_match_reference(name, N):
     """Three recurrent steps from a random state == the reference over those three tokens."""
-    B, H = 2, 2
-    for op, ref, make in [(wkv7_step_triton, wkv7_reference, wkv7_inputs),
-                          (wkv6_step_triton, wkv6_reference, wkv6_inputs)]:
-        xs, state = make(B, 3, H, N, torch.float32), random_state(B, H, N)
-        o_ref, s_ref = ref(*[x.double() for x in xs], scale=0.7, initial_state=state.double(), output_final_state=True)
-        s = state
-        for t in range(3):
-            step = [x[:, t] if x.dim() == 4 else x for x in xs]
-            o, s = op(*step, s, scale=0.7)
-            assert rel_err(o, o_ref[:, t]) <= 1e-5
-        assert rel_err(s, s_ref) <= 1e-5 and s.dtype == torch.float32
+    x = on_device(OPS[name][2](2, 3, 2, N), torch.float32)
+    state = random_state(2, 2, N).to(DEV)
+    o_ref, s_ref = OPS[name][1](*(v.double() for v in x.values()), scale=0.7, initial_state=state.double(),
+                                output_final_state=True)
+    s = state
+    for t in range(3):
+        step = {n: v if n == "u" else v[:, t] for n, v in x.items()}  # [B, H, N]
+        o, s = STEPS[name](*step.values(), s, scale=0.7)
+        assert rel_err(o, o_ref[:, t]) <= EXACT
+    assert rel_err(s, s_ref) <= EXACT and s.dtype == torch.float32
 
 
 def test_bad_inputs_raise_value_error():
-    xs = wkv7_inputs(2, 4, 1, 24, torch.float32)
+    x = on_device(wkv7_inputs(2, 4, 1, 24), torch.float32)
     with pytest.raises(ValueError, match="N=24"):
-        wkv7_triton(*xs)
-    xs = wkv7_inputs(2, 4, 1, 16, torch.float32)
+        wkv7_triton(*x.values())
+    x = on_device(wkv7_inputs(2, 4, 1, 16), torch.float32)
     with pytest.raises(ValueError, match="B=2"):
-        wkv7_triton(*xs, cu_seqlens=torch.tensor([0, 2, 4]))
+        wkv7_triton(*x.values(), cu_seqlens=torch.tensor([0, 2, 4]))
     with pytest.raises(ValueError, match="float64"):
-        wkv6_triton(*wkv6_inputs(1, 4, 1, 16, torch.float64))
+        wkv6_triton(*on_device(wkv6_inputs(1, 4, 1, 16), torch.float64).values())
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [64, 128])
-def test_full_size_matches_reference_gpu(dtype, N):
-    """T = 1000 (not a multiple of the chunk), several heads, on CUDA."""
-    H = 256 // N
-    assert_matches_reference(wkv7_triton, wkv7_reference, wkv7_inputs(2, 1000, H, N, dtype), random_state(2, H, N),
-                             TOL[dtype], scale=N ** -0.5)
-    assert_matches_reference(wkv6_triton, wkv6_reference, wkv6_inputs(2, 1000, H, N, dtype), random_state(2, H, N),
-                             TOL[dtype], scale=N ** -0.5)
+def test_full_size_matches_reference_gpu(name, dtype, N):
+    """T = 1000 (not a multiple of the chunk), several heads and value blocks, on CUDA."""
+    compare_with_reference(name, 2, 1000, 256 // N, N, dtype=dtype, scale=N ** -0.5)
 
 
 @pytest.mark.gpu
-def test_full_size_decay_extremes_gpu():
-    xs = wkv7_inputs(1, 1000, 2, 64, torch.bfloat16, w_fill=w7_extremes)
-    assert_matches_reference(wkv7_triton, wkv7_reference, xs, random_state(1, 2, 64), 1e-2)
-    xs = wkv6_inputs(1, 1000, 2, 64, torch.bfloat16, w_fill=w6_extremes)
-    assert_matches_reference(wkv6_triton, wkv6_reference, xs, random_state(1, 2, 64), 1e-2)
+@pytest.mark.parametrize("name", OPS)
+def test_full_size_decay_extremes_gpu(name):
+    low = OPS[name][3]
+    compare_with_reference(name, 1, 1000, 2, 64, dtype=torch.bfloat16, decay=(low, -1e-6), lower_bound_share=0.3)
 
 
 @pytest.mark.gpu
