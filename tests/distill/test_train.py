@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 
 from distill.evaluate import evaluate
 from distill.train import train
-from tests.distill.helpers import ASSETS, REPO, compose_tiny_job, compose_train
+from tests.distill.helpers import ASSETS, REPO, SHAKESPEARE, compose_tiny_job, compose_train
 
 STORIES = ASSETS / "text" / "tinystories_valid_head45.txt"
 
@@ -156,3 +157,25 @@ def test_empty_data_is_one_clear_error(tiny_teacher, tmp_path):
     assert result.returncode == 2
     assert "empty data" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("student", [
+    ["student=rad_rwkv7"],
+    ["student=rwkv7"],
+    ["student=rad_rwkv6"],
+    ["student=rwkv7", "student.ffn=rwkv"],
+    ["student=rad_rwkv7", "student.attention_layers=[1]"],
+], ids=lambda o: " ".join(o))
+def test_smoke_runs_every_student_type_on_the_quickstart_teacher(student, tmp_path, tmp_path_factory):
+    """debug=smoke with the embedded teacher (shorter steps and a small text corpus, for CI time)."""
+    cache = tmp_path_factory.getbasetemp() / "smoke-cache"  # shared: tokenize Shakespeare once
+    overrides = ["debug=smoke", *student, "data=text", f"data.source.paths=[{SHAKESPEARE}]",
+                 "max_steps_per_stage=4", "stages.0.seq_len=64", "stages.1.seq_len=64",
+                 "evaluation.seq_len=64", "evaluation.max_new_tokens=4", "data.eval_tokens=1024",
+                 "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar"]
+    cfg = compose_train(overrides, tmp_path / "run", cache)
+    cfg.data.source.document_separator = "\n\n"
+    summary = train(cfg)
+    assert summary["tokens_seen"] == 2 * 4 * 8 * 64
+    assert all(math.isfinite(s["final_loss"]) for s in summary["stages"])
+    assert math.isfinite(summary["student_ppl"]) and len(summary["alignment_errors"]) == 4
