@@ -64,10 +64,9 @@ def wkv7_fwd_kernel(
         b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
         b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
-        b_bt, b_kt = b_b * e_ng, b_k * e_ng  # [BT, K]
-        b_u, b_Ti = _chunk_u(b_s, b_v, b_a * e_Ge, intra(b_a * e_ge, b_bt, m_s, PREC),
-                             intra(b_a * e_ge, b_kt, m_s, PREC), BT, LOG2_BT, PREC)  # [BT, BV]
-        b_rt = b_r * e_g
+        b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
+        b_u, _ = _chunk_u(b_s, b_v, b_a * e_Ge, intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC),
+                          BT, LOG2_BT, PREC)  # [BT, BV]
         b_o = (tl.dot(b_r * e_G, b_s, input_precision=PREC)
                + tl.dot(intra(b_rt, b_bt, m_i, PREC), b_u, input_precision=PREC)
                + tl.dot(intra(b_rt, b_kt, m_i, PREC), b_v, input_precision=PREC))  # [BT, BV]
