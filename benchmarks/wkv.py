@@ -170,7 +170,7 @@ def table(out: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="wkv.json")
-    parser.add_argument("--variants", default="bv64_w8")
+    parser.add_argument("--variants", default="bv32_w8")
     parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
     parser.add_argument("--budget_s", type=float, default=1e9, help="start no new measurement after this")
     args = parser.parse_args()
