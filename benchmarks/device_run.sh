@@ -3,6 +3,8 @@
 # run every WKV Triton test on CUDA (gpu-marked full sizes included), then benchmarks/wkv.py.
 # Usage (repo root, on the GPU machine; $OUT collects logs and JSON):
 #   bash benchmarks/device_run.sh [bench variants, default bv32_w8] [bench budget in s, default 420] [pytest -k filter]
+# Wheels, fetched beforehand where pip works (fla-core needs only einops, already on the GPU image):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl flash-linear-attention==0.6.0 fla-core==0.6.0
 # fla's first call autotunes for about 4 minutes: give the benchmark budget room for it.
 set -o pipefail
 OUT=${OUT:-/tmp/wkv-out}
