@@ -281,13 +281,14 @@ class StudentLM(nn.Module):
         return outputs
 
     def time_mix_parameters(self) -> Iterator[nn.Parameter]:
-        """Every time-mix layer's parameters, kept attention layers included: what the align
-        stage trains (all of them are fitted to the teacher's attention outputs). A kept layer
-        starts exact, where the gradient of the non-squared L2 has length 1 in the direction of
-        rounding noise, so Adam moves it off (measured: error 2e-16 -> 0.3 after one step at lr
-        1e-2); leave cfg.attention_layers' time mixes out to keep them at the teacher's."""
-        for block in self.layers:
-            yield from block.time_mix.parameters()
+        """The converted (RWKV) time mixes' parameters: what the align stage trains. Kept attention
+        layers are left out: they start as exact copies, where the gradient of the non-squared L2
+        has length 1 in the direction of rounding noise, so Adam would move them off the teacher
+        (measured: error 2e-16 -> 0.3 after one step at lr 1e-2); they train with everything else
+        in the kl stages."""
+        for i, block in enumerate(self.layers):
+            if i not in self.config.attention_layers:
+                yield from block.time_mix.parameters()
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
         """time_mix_parameters() plus the FFNs when cfg.ffn is not the teacher's MLP (then they are
