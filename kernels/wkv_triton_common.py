@@ -13,6 +13,7 @@ from torch import Tensor
 
 SUPPORTED_N = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_GRID_Y = 65535  # grid = (value blocks, sequences x heads): value blocks of one head launch together
 
 
 def check_inputs(
@@ -37,6 +38,9 @@ def check_inputs(
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[-1]) != T:
             raise ValueError(f"{name}: cu_seqlens must be [n+1] offsets ending at T={T}, got {cu_seqlens.tolist()}")
         n_seq = cu_seqlens.numel() - 1
+    if n_seq * H > MAX_GRID_Y:
+        raise ValueError(f"{name}: sequences x heads = {n_seq} x {H} exceeds the {MAX_GRID_Y} programs a CUDA "
+                         f"grid's second axis holds; split the batch")
     if initial_state is not None and tuple(initial_state.shape) != (n_seq, H, N, N):
         raise ValueError(f"{name}: initial_state has shape {tuple(initial_state.shape)}, expected {(n_seq, H, N, N)}")
     return B, T, H, N, n_seq

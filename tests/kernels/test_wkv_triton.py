@@ -151,6 +151,8 @@ def test_bad_inputs_raise_value_error():
     x = on_device(wkv7_inputs(2, 4, 1, 16), torch.float32)
     with pytest.raises(ValueError, match="B=2"):
         wkv7_triton(*x.values(), cu_seqlens=torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match="65535"):
+        wkv7_triton(*on_device(wkv7_inputs(1, 1, 65536, 16), torch.float32).values())
     with pytest.raises(ValueError, match="float64"):
         wkv6_triton(*on_device(wkv6_inputs(1, 4, 1, 16), torch.float64).values())
 
