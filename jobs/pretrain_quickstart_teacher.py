@@ -3,7 +3,7 @@
 Trained on CPU from the Python standard-library source of the running interpreter
 (distill.data.stdlib), so anyone can rebuild it without a download:
 
-    python jobs/pretrain_quickstart_teacher.py --steps 1500
+    python jobs/pretrain_quickstart_teacher.py --steps 600 --warmup 50   # the committed teacher
 
 Writes a Hugging Face folder (config, safetensors, tokenizer, generation config) plus
 metrics.json and a model card README.md into --out.
@@ -37,12 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="models/quickstart_teacher")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
