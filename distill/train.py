@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = DistillModule(teacher, student, instantiate(cfg.optim), kl_chunk_tokens=cfg.kl_chunk_tokens,
                            run_config={k: run_config[k] for k in ("teacher", "student", "data", "seed")})
-    stages = stages_from_config(OmegaConf.to_container(cfg.stages))
+    stages = stages_from_config(OmegaConf.to_container(cfg.stages, resolve=True))
     resume, checkpoint = find_resume(cfg.ckpt_path, run_dir)
     if resume:
         # Weights first, so a stage after the checkpoint's own starts from them too.

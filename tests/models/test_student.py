@@ -124,6 +124,21 @@ def test_rope_uses_the_teacher_theta():
     torch.testing.assert_close(cos[0, 3, :4], expected, rtol=0, atol=1e-6)
 
 
+def test_rope_follows_llama3_scaling():
+    """Llama-3.x teachers scale low RoPE frequencies; the student must apply the same (scaled) table."""
+    scaled = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    teacher = make_teacher("llama", rope_parameters=scaled)
+    student = build_student(teacher, StudentConfig())
+    x = torch.zeros(1, 40, 32, dtype=torch.float64)
+    positions = torch.arange(40)[None]
+    for got, want in zip(student.rope(x), teacher.model.rotary_emb(x, positions)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    plain = build_student(make_teacher("llama", rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+                          StudentConfig())
+    assert (plain.rope(x)[0] - student.rope(x)[0]).abs().max() > 1e-3  # the scaling is really applied
+
+
 def test_lora_rank_formula():
     base = TeacherShape.of(make_teacher())
     expected = {128: (32, 32, 32, 64), 896: (64, 64, 64, 160), 4096: (160, 160, 96, 320)}
