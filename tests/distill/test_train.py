@@ -179,3 +179,18 @@ def test_smoke_runs_every_student_type_on_the_quickstart_teacher(student, tmp_pa
     assert summary["tokens_seen"] == 2 * 4 * 8 * 64
     assert all(math.isfinite(s["final_loss"]) for s in summary["stages"])
     assert math.isfinite(summary["student_ppl"]) and len(summary["alignment_errors"]) == 4
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_earlier_checkpoints(tiny_teacher, tmp_path):
+    """An absurd kl learning rate blows the student up: the job stops on the non-finite loss with
+    exit status 2 and one line, and the align stage's checkpoints stay on disk."""
+    result = _cli(f"teacher.path={tiny_teacher}", "data=text", f"data.source.paths=[{SHAKESPEARE}]",
+                  "data.source.document_separator=null", "data.source.heldout_percent=0",
+                  "+data.heldout_source._target_=distill.data.LocalFilesSource",
+                  f"+data.heldout_source.paths=[{SHAKESPEARE}]", "max_steps_per_stage=3",
+                  "stages.0.seq_len=32", "stages.1.seq_len=32", "stages.1.lr=1e30", "stages.1.warmup_fraction=0",
+                  "trainer.enable_progress_bar=false", "~callbacks.progress_bar", tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "stage 'kl': loss is nan" in result.stderr or "stage 'kl': loss is inf" in result.stderr
+    assert "stages[1].lr" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert (tmp_path / "run" / "checkpoints" / "stage0-align.ckpt").is_file()
