@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
@@ -28,8 +28,6 @@ from distill.parallel import resolve_precision, teacher_dtype
 from distill.stages import Stage, stages_from_config
 from models.student import StudentConfig, build_student
 from models.teacher import FrozenTeacher
-
-log = logging.getLogger(__name__)
 
 
 def find_resume(ckpt_path: str | None, run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -109,7 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         fit_stage(cfg, module, index, stage, data, logger, precision, resume if same_stage else None)
 
     summary = summarize(cfg, module, teacher, tokenizer, student, started)
-    if module.trainer is None or module.trainer.is_global_zero:
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(summary_table(summary))
     return summary

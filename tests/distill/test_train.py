@@ -90,6 +90,15 @@ def test_kl_stage_lowers_heldout_kl(stories_run, tmp_path):
     assert summary["student_ppl"] < 1.5 * summary["teacher_ppl"]
 
 
+def test_resuming_a_finished_run_only_evaluates(tiny_run, tmp_path):
+    cfg, summary = tiny_run
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "stage1-kl.ckpt"
+    again = train(compose_tiny_job(Path(cfg.teacher.path), tmp_path / "again", Path(cfg.paths.cache_dir),
+                                   steps=6, extra=[f"ckpt_path={last}"]))
+    assert again["stages"] == summary["stages"]
+    assert again["student_ppl"] == pytest.approx(summary["student_ppl"], rel=1e-9)
+
+
 def test_checkpoint_holds_student_only(tiny_run):
     import torch
 
