@@ -203,3 +203,21 @@ def test_nan_loss_stops_with_one_line_and_keeps_earlier_checkpoints(tiny_teacher
     assert "stage 'kl': loss is nan" in result.stderr or "stage 'kl': loss is inf" in result.stderr
     assert "stages[1].lr" in result.stderr and "Traceback" not in result.stderr + result.stdout
     assert (tmp_path / "run" / "checkpoints" / "stage0-align.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tiny_teacher, tmp_path):
+    """The real CLI with trainer.devices=2 strategy=ddp (gloo on CPU): both ranks train on their
+    shard of the sampler, tokens are counted over the world, rank zero writes one summary."""
+    result = _cli(f"teacher.path={tiny_teacher}", "data=text", f"data.source.paths=[{SHAKESPEARE}]",
+                  "data.source.document_separator=null", "data.source.heldout_percent=0",
+                  "+data.heldout_source._target_=distill.data.LocalFilesSource",
+                  f"+data.heldout_source.paths=[{SHAKESPEARE}]", "data.eval_tokens=2048",
+                  "max_steps_per_stage=3", "stages.0.seq_len=32", "stages.1.seq_len=32", "evaluation.seq_len=32",
+                  "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+                  "trainer.enable_progress_bar=false", "~callbacks.progress_bar", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stderr + result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tokens_seen"] == 2 * 3 * 8 * 32 * 2  # stages x steps x batch x seq x ranks
+    assert (result.stdout + result.stderr).count("student/teacher ppl") == 1
