@@ -131,14 +131,16 @@ class TeacherProjections(nn.Module):
         self.q_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(D, shape.rms_norm_eps) if shape.qk_norm else nn.Identity()
 
-    def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
+            xk: Tensor | None = None, xv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, C] -> q [B, T, H_t, D], k [B, T, H_kv, D], v [B, T, H_kv, D] as the teacher makes
-        them: projections, q/k norms, then RoPE (cos, sin) on q and k unless rope is None."""
+        them: projections, q/k norms, then RoPE (cos, sin) on q and k unless rope is None. Token-shift
+        layers project other inputs for k and v: xk, xv (default x)."""
         B, T, _ = x.shape
         D = self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, -1, D))
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, D))
-        v = self.v_proj(x).view(B, T, -1, D)
+        k = self.k_norm(self.k_proj(x if xk is None else xk).view(B, T, -1, D))
+        v = self.v_proj(x if xv is None else xv).view(B, T, -1, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v

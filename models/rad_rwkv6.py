@@ -90,10 +90,7 @@ class RadRWKV6(TeacherProjections):
     def rkv(self, xs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """The teacher's q, k, v (+q/k norm, GQA repeat, no RoPE) of x_r, x_k, x_v: [B, T, A] each."""
         B, T, _ = xs["r"].shape
-        D = self.head_dim
-        r = self.q_norm(self.q_proj(xs["r"]).view(B, T, -1, D))  # [B, T, H_t, D]
-        k = self.k_norm(self.k_proj(xs["k"]).view(B, T, -1, D))  # [B, T, H_kv, D]
-        v = self.v_proj(xs["v"]).view(B, T, -1, D)  # [B, T, H_kv, D]
+        r, k, v = self.qkv(xs["r"], None, xs["k"], xs["v"])  # [B, T, H_t | H_kv, D]
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [B, T, H_t, D]
         return r.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)
 

@@ -79,12 +79,11 @@ class RWKV7TimeMix(RadRWKV7):
         first RWKV layer's v (None in that layer); state {"shift": [B, C], "wkv": [B, H, N, N]}
         or None for a fresh sequence. Returns (o [B, T, C], v_first, the state after the last token)."""
         B, T, _ = x.shape
-        D, N = self.head_dim, self.head_size
+        N = self.head_size
         xx = token_shift(x, state) - x
         xr, xw, xk, xv, xa, xg = (x + xx * getattr(self, name) for name in LERP_EXPONENTS)
-        r = self.q_norm(self.q_proj(xr).view(B, T, -1, D)).view(B, T, -1)  # [B, T, A]
-        k = self.k_norm(self.k_proj(xk).view(B, T, -1, D)).view(B, T, -1)
-        operands, v_first = self.wkv7_operands(k, self.v_proj(xv), v_first, xw, xa, xv)
+        r, k, v = (t.reshape(B, T, -1) for t in self.qkv(xr, None, xk, xv))  # [B, T, A] (k, v full width)
+        operands, v_first = self.wkv7_operands(k, v, v_first, xw, xa, xv)
         heads = [t.view(B, T, -1, N) for t in (r, *operands)]  # [B, T, H, N]
         y, wkv = self.wkv(heads, None if state is None else state["wkv"])
         y = normalize_heads(y.reshape(B, T, -1), self.ln_x, N)  # [B, T, A]
