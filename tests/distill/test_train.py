@@ -57,7 +57,8 @@ def stories_run(tmp_path_factory):
         pytest.skip(f"test assets not found at {ASSETS} (set DISTILL_ASSETS)")
     root = tmp_path_factory.mktemp("stories")
     overrides = [
-        "experiment=stories260k", f"assets_dir={ASSETS}", "data=text", f"data.source.paths=[{STORIES}]",
+        "experiment=stories260k", f"assets_dir={ASSETS}", "data=text", "~data.source.num_documents",
+        f"data.source.paths=[{STORIES}]",
         "data.source.document_separator='<|endoftext|>'", "data.source.heldout_percent=10",
         "data.eval_tokens=2048", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "~callbacks.progress_bar", "trainer.log_every_n_steps=1",
