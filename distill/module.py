@@ -56,8 +56,9 @@ class DistillModule(L.LightningModule):
         """Select what trains and how long the LR schedule runs."""
         self.stage, self.stage_index, self.total_steps = stage, index, total_steps
         self.student.requires_grad_(stage.trainable == "all")
-        if stage.trainable == "time_mix":
-            for p in self.student.time_mix_parameters():
+        if stage.trainable != "all":
+            chosen = {"time_mix": self.student.time_mix_parameters, "new": self.student.new_parameters}
+            for p in chosen[stage.trainable]():
                 p.requires_grad_(True)
 
     def configure_optimizers(self):

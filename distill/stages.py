@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 LOSSES = ("align", "kl")
-TRAINABLE = ("time_mix", "all")
+# time_mix: the converted time mixes; new: those plus non-teacher FFNs (ffn=rwkv); all: the whole student.
+TRAINABLE = ("time_mix", "new", "all")
 
 
 @dataclass(frozen=True)

@@ -113,3 +113,25 @@ def test_stages_from_config_errors():
         stages_from_config([_stage(lrr=1)])
     with pytest.raises(ValueError, match="unique"):
         stages_from_config([_stage(), _stage()])
+
+
+@pytest.mark.parametrize("trainable, expected", [
+    ("time_mix", lambda s: {id(p) for b in s.layers for p in b.time_mix.parameters()}),
+    ("new", lambda s: {id(p) for b in s.layers for m in (b.time_mix, b.mlp) for p in m.parameters()}),
+    ("all", lambda s: {id(p) for p in s.parameters()}),
+])
+def test_stage_trains_exactly_its_parameter_group(trainable, expected):
+    """With ffn=rwkv the channel mixes are new: `new` trains them and the time mixes, nothing copied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from distill.module import DistillModule
+    from models.student import StudentConfig, build_student
+    from models.teacher import FrozenTeacher
+
+    config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=48, vocab_size=61)
+    teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    student = build_student(teacher, StudentConfig(time_mix="rwkv7", ffn="rwkv"))
+    module = DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW)
+    module.set_stage(0, Stage(**_stage(trainable=trainable)), total_steps=10)
+    assert {id(p) for p in student.parameters() if p.requires_grad} == expected(student)
