@@ -96,6 +96,16 @@ def run_with_grads(op: Callable, inputs: dict[str, Tensor], initial_state: Tenso
         wrt, seed=seed)
 
 
+def time_slice(inputs: dict, start: int, end: int) -> dict:
+    """The tokens start:end of every [B, T, H, N] input (u [H, N] has no time axis)."""
+    return {n: x if n == "u" else x[:, start:end] for n, x in inputs.items()}
+
+
+def concat_runs(runs: list[tuple]) -> tuple:
+    """(o, s_T) of consecutive or parallel calls -> o joined along T, states along the batch."""
+    return torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs])
+
+
 def rel_err(x: Tensor, ref: Tensor) -> float:
     """||x - ref||_F / ||ref||_F in float64; inf when x holds a NaN or an inf."""
     x, ref = x.detach().double(), ref.detach().double()

@@ -13,12 +13,14 @@ from tests.kernels.conftest import (
     WKV6_LOG_DECAY_MIN,
     WKV7_LOG_DECAY_MIN,
     assert_all_close,
+    concat_runs,
     leaf,
     leaves,
     outputs_and_grads,
     random_state,
     rel_err,
     run_with_grads,
+    time_slice,
     wkv6_inputs,
     wkv7_inputs,
 )
@@ -102,14 +104,6 @@ def test_output_dtype_is_input_dtype_state_fp32(name):
     assert (o.dtype, s_T.dtype) == (torch.bfloat16, torch.float32)
 
 
-def time_slice(inputs: dict, start: int, end: int) -> dict:
-    """The tokens start:end of every [B, T, H, N] input (u [H, N] has no time axis)."""
-    return {n: x if n == "u" else x[:, start:end] for n, x in inputs.items()}
-
-
-def concat_runs(runs: list[tuple]) -> tuple:
-    """(o, s_T) of consecutive or parallel calls -> o joined along T, states along the batch."""
-    return torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs])
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -18,12 +18,14 @@ from tests.kernels.conftest import (
     WKV6_LOG_DECAY_MIN,
     WKV7_LOG_DECAY_MIN,
     assert_all_close,
+    concat_runs,
     leaf,
     leaves,
     outputs_and_grads,
     random_state,
     rel_err,
     run_with_grads,
+    time_slice,
     wkv6_inputs,
     wkv7_inputs,
 )
@@ -81,14 +83,6 @@ def test_no_initial_state_starts_from_zero(name):
     compare_with_reference(name, 1, 18, 1, 16, dtype=torch.float32, with_state=False)
 
 
-def time_slice(inputs: dict, start: int, end: int) -> dict:
-    """Tokens start:end of every [B, T, H, N] input (u [H, N] has no time axis)."""
-    return {n: x if n == "u" else x[:, start:end] for n, x in inputs.items()}
-
-
-def concat_runs(runs: list[tuple]) -> tuple:
-    """(o, s_T) of parallel calls -> o joined along T, states along the batch."""
-    return torch.cat([o for o, _ in runs], 1), torch.cat([s for _, s in runs])
 
 
 @pytest.mark.parametrize("name", OPS)

@@ -13,7 +13,7 @@ from models.rwkv7 import RWKV7TimeMix
 from models.student import StudentConfig, build_student, resolve
 from models.teacher import FrozenTeacher
 from tests.models.test_rad_rwkv7 import randomize, shape
-from tests.models.test_student import FAMILIES, make_teacher
+from tests.models.test_student import FAMILIES, assert_heads_are_teacher_heads, make_teacher, teacher_qkv
 
 
 def make_layer(layer_id: int, sh=None, **cfg) -> RWKV7TimeMix:
@@ -137,20 +137,11 @@ def test_built_from_a_gqa_teacher_k_and_v_are_the_repeated_teacher_heads(family)
     teacher = make_teacher(family, num_hidden_layers=2)  # 4 query heads over 2 KV heads
     student = build_student(teacher, StudentConfig(time_mix="rwkv7"))
     x = torch.randn(2, 5, 32, dtype=torch.float64)
-    for t_layer, s_layer in zip(teacher.model.layers, student.layers, strict=True):
-        attn, tm = t_layer.self_attn, s_layer.time_mix
-        q = attn.q_proj(x).view(2, 5, 4, 8)
-        k, v = attn.k_proj(x).view(2, 5, 2, 8), attn.v_proj(x).view(2, 5, 2, 8)
-        if family == "qwen3":
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        r_s = tm.q_norm(tm.q_proj(x).view(2, 5, 4, 8))
-        k_s = tm.k_norm(tm.k_proj(x).view(2, 5, 4, 8))
-        v_s = tm.v_proj(x).view(2, 5, 4, 8)
-        torch.testing.assert_close(r_s, q, rtol=0, atol=1e-13)
-        for h in range(4):
-            torch.testing.assert_close(k_s[:, :, h], k[:, :, h // 2], rtol=0, atol=1e-13)
-            torch.testing.assert_close(v_s[:, :, h], v[:, :, h // 2], rtol=0, atol=1e-13)
-        assert torch.equal(tm.o_proj.weight, attn.o_proj.weight)
+    for i, (t_layer, s_layer) in enumerate(zip(teacher.model.layers, student.layers, strict=True)):
+        tm = s_layer.time_mix
+        rkv = tm.qkv(x, None)  # full-width k, v: [B, T, 4, 8] each
+        assert_heads_are_teacher_heads(rkv, teacher_qkv(teacher, i, x, rope=False))
+        assert torch.equal(tm.o_proj.weight, t_layer.self_attn.o_proj.weight)
 
 
 def test_rebuild_loads_full_width_weights_and_mha_teachers_need_no_widening():

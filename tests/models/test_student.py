@@ -35,9 +35,9 @@ def make_teacher(model_type: str = "llama", dtype=torch.float64, seed: int = 0, 
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def teacher_qkv(teacher, layer: int, x: torch.Tensor):
+def teacher_qkv(teacher, layer: int, x: torch.Tensor, rope: bool = True):
     """The teacher's own q, k, v for input x [B, T, C], each [B, heads, T, D], after q/k norm and
-    RoPE exactly as its attention module computes them."""
+    (unless rope=False) RoPE exactly as its attention module computes them."""
     attn = teacher.model.layers[layer].self_attn
     apply_rotary_pos_emb = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     B, T, _ = x.shape
@@ -46,10 +46,22 @@ def teacher_qkv(teacher, layer: int, x: torch.Tensor):
     k = attn.k_proj(x).view(B, T, -1, D)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = attn.v_proj(x).view(B, T, -1, D).transpose(1, 2)
-    cos, sin = teacher.model.rotary_emb(x, torch.arange(T)[None])
-    q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    if rope:
+        cos, sin = teacher.model.rotary_emb(x, torch.arange(T)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
     return q, k, v
+
+
+def assert_heads_are_teacher_heads(student_rkv, teacher_qkv_heads, n_rep: int = 2) -> None:
+    """Student r, k, v [B, T, H_t, D] vs the teacher's q [B, H_t, T, D], k, v [B, H_kv, T, D]:
+    student head h holds teacher query head h and KV head h // n_rep (GQA)."""
+    (r_s, k_s, v_s), (q, k, v) = student_rkv, teacher_qkv_heads
+    for h in range(r_s.shape[2]):
+        torch.testing.assert_close(r_s[:, :, h], q[:, h], rtol=0, atol=1e-13)
+        torch.testing.assert_close(k_s[:, :, h], k[:, h // n_rep], rtol=0, atol=1e-13)
+        torch.testing.assert_close(v_s[:, :, h], v[:, h // n_rep], rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("model_type,head_dim", [(m, 8) for m in FAMILIES] + [("qwen3", 16)])
@@ -58,14 +70,8 @@ def test_rkv_equal_teacher_qkv_with_rope_and_gqa(model_type, head_dim):
     student = build_student(teacher, StudentConfig())
     x = torch.randn(2, 11, 32, dtype=torch.float64)
     for layer in range(2):
-        q, k, v = teacher_qkv(teacher, layer, x)
-        r_s, k_s, v_s = (t.view(2, 11, 4, head_dim)
-                         for t in student.layers[layer].time_mix.rkv(x, student.rope(x)))
-        for h in range(4):
-            kv = h // 2  # 4 query heads over 2 KV heads
-            torch.testing.assert_close(r_s[:, :, h], q[:, h], rtol=0, atol=1e-13)
-            torch.testing.assert_close(k_s[:, :, h], k[:, kv], rtol=0, atol=1e-13)
-            torch.testing.assert_close(v_s[:, :, h], v[:, kv], rtol=0, atol=1e-13)
+        rkv = [t.view(2, 11, 4, head_dim) for t in student.layers[layer].time_mix.rkv(x, student.rope(x))]
+        assert_heads_are_teacher_heads(rkv, teacher_qkv(teacher, layer, x))  # 4 query heads, 2 KV heads
 
 
 def test_qwen2_biases_and_qwen3_norms_are_copied():
