@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 
 from distill.losses import logit_stats
-from models.diagnostics import alignment_errors
 
 
 @torch.no_grad()
@@ -74,9 +73,3 @@ def continuations(teacher, student, tokenizer, prompt: str, max_new_tokens: int 
         out[name] = tokenizer.decode(_cut_at(generated[0, ids.shape[1]:].tolist(), stops))
     return out
 
-
-@torch.no_grad()
-def alignment_errors_on(teacher, student, batch: dict[str, Tensor]) -> list[float]:
-    """Per-layer time-mix vs teacher-attention error (models.diagnostics) on one held-out batch."""
-    device = next(student.parameters()).device
-    return alignment_errors(teacher, student, batch["input_ids"].to(device))

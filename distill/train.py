@@ -22,10 +22,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
-from distill.evaluation import alignment_errors_on, compare_on_batches, continuations
+from distill.evaluation import compare_on_batches, continuations
 from distill.module import DistillModule
 from distill.parallel import resolve_precision, teacher_dtype
 from distill.stages import Stage, stages_from_config
+from models.diagnostics import alignment_errors
 from models.student import StudentConfig, build_student
 from models.teacher import FrozenTeacher
 
@@ -39,7 +40,7 @@ def find_resume(ckpt_path: str | None, run_dir: Path) -> tuple[Path | None, dict
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Give a .ckpt file, or 'last' together with "
             "the run dir that holds checkpoints/last.ckpt (hydra.run.dir=...)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # read lazily
     if "distill" not in checkpoint:
         raise ValueError(f"{path} is not a distill-train checkpoint (it has no 'distill' record)")
     return path, checkpoint
@@ -93,10 +94,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stages = stages_from_config(OmegaConf.to_container(cfg.stages, resolve=True))
     resume, checkpoint = find_resume(cfg.ckpt_path, run_dir)
     if resume:
-        # Weights first, so a stage after the checkpoint's own starts from them too.
-        module.load_state_dict(checkpoint["state_dict"])
         module.finished_stages = list(checkpoint["distill"]["finished_stages"])
     done = {s["name"] for s in module.finished_stages}
+    if resume and checkpoint["distill"]["stage_name"] in done:
+        # A stage-end checkpoint: no Trainer restores it (the next stage starts fresh), so its weights
+        # go in here. A mid-stage checkpoint is restored whole by Trainer.fit(ckpt_path=...).
+        module.load_state_dict(checkpoint["state_dict"])
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
 
     for index, stage in enumerate(stages):
@@ -130,7 +133,7 @@ def summarize(cfg: DictConfig, module: DistillModule, teacher, tokenizer, studen
         "wall_seconds": time.time() - started,
         "tokens_per_second": tokens / max(train_seconds, 1e-9),
         "stages": stages,
-        "alignment_errors": alignment_errors_on(teacher, student, batches[0]),
+        "alignment_errors": alignment_errors(teacher, student, batches[0]["input_ids"].to(device)),
         "continuation": continuations(teacher, student, tokenizer, cfg.evaluation.prompt,
                                       cfg.evaluation.max_new_tokens),
     }

@@ -100,6 +100,16 @@ def test_resuming_a_finished_run_only_evaluates(tiny_run, tmp_path):
     assert again["student_ppl"] == pytest.approx(summary["student_ppl"], rel=1e-9)
 
 
+def test_resuming_from_a_stage_end_checkpoint_runs_the_next_stage_from_its_weights(tiny_run, tmp_path):
+    cfg, summary = tiny_run
+    align_end = Path(cfg.paths.output_dir) / "checkpoints" / "stage0-align.ckpt"
+    resumed = train(compose_tiny_job(Path(cfg.teacher.path), tmp_path / "resumed", Path(cfg.paths.cache_dir),
+                                     steps=6, extra=[f"ckpt_path={align_end}"]))
+    assert [s["name"] for s in resumed["stages"]] == ["align", "kl"]
+    assert resumed["stages"][1]["final_loss"] == pytest.approx(summary["stages"][1]["final_loss"], rel=1e-5)
+    assert resumed["student_ppl"] == pytest.approx(summary["student_ppl"], rel=1e-6)
+
+
 def test_checkpoint_holds_student_only(tiny_run):
     import torch
 
