@@ -5,7 +5,7 @@ inputs, for our Triton WKV-7 / WKV-6 (in each tuning variant given), fla's chunk
 chunk and with lower_bound=-e^{-1/2}, which licenses its 64-chunk path) and chunk_rwkv6, torch SDPA
 causal (flash) at the same shape, and the bytes floor: bytes that must move / measured copy bandwidth.
 
-    python benchmarks/wkv.py --out wkv.json [--variants bv32_w8,bv64_w8] [--shapes 8x4096x16x64,...] [--budget_s S]
+    python benchmarks/wkv.py --out wkv.json [--variants default,noseg] [--shapes 8x4096x16x64,...] [--budget_s S]
 
 Prints a table last and writes every number to --out (JSON).
 """
@@ -23,16 +23,18 @@ from triton.testing import do_bench
 
 import kernels.wkv6_triton as wkv6_mod
 import kernels.wkv7_triton as wkv7_mod
+import kernels.wkv_triton_common as common_mod
 
 SHAPES = [(8, 4096, 16, 64), (8, 4096, 64, 64), (2, 16384, 16, 64), (1, 65536, 16, 64)]
 BF16 = 2  # bytes per element
 
-# our tuning variants: module attributes set before timing (chunk length, value block, warps)
+# our tuning variants: module attributes set before timing (value block, warps, segmenting)
 VARIANTS = {
-    "bv64_w4": dict(block_v=lambda N: 64, FWD_WARPS=4, BWD_WARPS=4),
-    "bv64_w8": dict(block_v=lambda N: 64, FWD_WARPS=4, BWD_WARPS=8),
-    "bv32_w8": dict(block_v=lambda N: 32, FWD_WARPS=4, BWD_WARPS=8),
-    "bv16_w4": dict(block_v=lambda N: 16, FWD_WARPS=4, BWD_WARPS=4),
+    "default": {},
+    "bv32": dict(block_v=lambda N: 32),
+    "bwd_w4": dict(BWD_WARPS=4),
+    "noseg": dict(MIN_PROGRAMS_PER_SM=0),
+    "seg2": dict(MIN_PROGRAMS_PER_SM=2),
 }
 
 
@@ -85,7 +87,7 @@ def sdpa_fn(B, T, H, N):
 def set_variant(name: str) -> dict:
     """Point both kernel modules at a tuning variant; returns the previous attribute values."""
     old = {}
-    for mod in (wkv7_mod, wkv6_mod):
+    for mod in (wkv7_mod, wkv6_mod, common_mod):
         for key, val in VARIANTS[name].items():
             if hasattr(mod, key):
                 old[(mod, key)] = getattr(mod, key)
@@ -110,14 +112,20 @@ def fla_ops():
 
 def resource_report() -> list[dict]:
     """Registers, spills and shared memory of every compiled variant of our kernels."""
+    kernels = {wkv7_mod: ("wkv7_fwd_kernel", "wkv7_bwd_kernel", "wkv7_bwd_state_kernel"),
+               wkv6_mod: ("wkv6_fwd_kernel", "wkv6_bwd_kernel", "wkv6_bwd_state_kernel"),
+               common_mod: ("segment_scan_kernel",)}
     rows = []
-    for mod, names in ((wkv7_mod, ("wkv7_fwd_kernel", "wkv7_bwd_kernel")), (wkv6_mod, ("wkv6_fwd_kernel", "wkv6_bwd_kernel"))):
+    for mod, names in kernels.items():
         for name in names:
             for cache in getattr(getattr(mod, name), "device_caches", {}).values():
                 for ck in (cache[0] if isinstance(cache, tuple) else cache).values():
                     md = ck.metadata
+                    flags = {str(k): v for k, v in getattr(getattr(ck, "src", None), "constants", {}).items()
+                             if isinstance(v, (bool, str))}
                     rows.append(dict(kernel=name, n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None),
-                                     shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None)))
+                                     shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None),
+                                     flags=flags))
     return rows
 
 
@@ -130,8 +138,8 @@ def floors(shape, bw) -> dict:
 
 
 def jobs(shapes, variants, fla):
-    """(name, shape, thunk giving (fn, inputs)) in priority order: our first variant, SDPA, fla (whose
-    first call autotunes for minutes), then our other variants."""
+    """(name, shape, thunk giving (fn, inputs)) in priority order: our first variant, SDPA, fla's
+    rwkv7, our other variants, fla's rwkv6 (fla autotunes for minutes on the first call of each)."""
     def ours(name):
         for shape in shapes:
             yield f"ours7_{name}", shape, lambda s=shape: (lambda *x: wkv7_mod.wkv7_triton(*x)[0], wkv7_inputs(*s))
@@ -140,11 +148,16 @@ def jobs(shapes, variants, fla):
     yield from ours(variants[0])
     for shape in shapes:
         yield "sdpa", shape, lambda s=shape: sdpa_fn(*s)
-    for shape in shapes:
-        for name, fn in fla.items():
-            yield name, shape, lambda s=shape, f=fn, n=name: (f, wkv7_inputs(*s) if "rwkv7" in n else wkv6_inputs(*s))
+    def anchors(rwkv):
+        for shape in shapes:
+            for name, fn in fla.items():
+                if rwkv in name:
+                    yield name, shape, lambda s=shape, f=fn, n=name: (f, wkv7_inputs(*s) if "rwkv7" in n else wkv6_inputs(*s))
+
+    yield from anchors("rwkv7")
     for name in variants[1:]:
         yield from ours(name)
+    yield from anchors("rwkv6")
 
 
 def table(out: dict) -> str:
@@ -170,7 +183,7 @@ def table(out: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="wkv.json")
-    parser.add_argument("--variants", default="bv32_w8")
+    parser.add_argument("--variants", default="default")
     parser.add_argument("--shapes", default=",".join("x".join(map(str, s)) for s in SHAPES))
     parser.add_argument("--budget_s", type=float, default=1e9, help="start no new measurement after this")
     args = parser.parse_args()

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from kernels.wkv_triton_common import (
     block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, load_chunk, reduce_parts,
-    reverse_cumsum, seq_bounds, state_ptr, store_chunk,
+    plan_segments, reverse_cumsum, scan_segments, seq_bounds, state_ptr, store_chunk,
 )
 
 BT = 16
@@ -31,32 +31,42 @@ FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps 
 def wkv6_fwd_kernel(
     r, k, v, w, u, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, TRANSITION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Walk the chunks in order carrying S [K, BV]; STORE_HS keeps each chunk-start state for the
+    backward. TRANSITION (segments, no output): as in wkv7_fwd_kernel, ht [n, H, K, V + K] gets [D | M]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     m_s = o_t[:, None] > o_t[None, :]  # [BT, BT] i < t
+    NV: tl.constexpr = V // BV
     b_u = tl.load(u + i_h * K + tl.arange(0, K)).to(tl.float32)  # [K]
     b_s = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
         b_s = tl.load(state_ptr(h0, i_nh, i_v, K, V, BV)).to(tl.float32)
+    v_on = 1.0
+    if TRANSITION:
+        b_s = tl.where(tl.arange(0, K)[:, None] == (i_v - NV) * BV + tl.arange(0, BV)[None, :], 1.0, 0.0)
+        v_on = (i_v < NV).to(tl.float32)
     for i_t in range(tl.cdiv(eos - bos, BT)):
         if STORE_HS:
             tl.store(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV), b_s)
         b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]
         b_k = load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K)
         b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
+        b_v = load_chunk(v, bos, eos, i_h, i_t, i_v % NV, H, V, BT, BV) * v_on  # [BT, BV]
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
-        b_bonus = tl.sum(b_r * b_u[None, :] * b_k, axis=1)  # [BT]
-        b_A = intra(b_r * e_ge, b_k * e_ng, m_s, PREC) + tl.where(o_t[:, None] == o_t[None, :], b_bonus[:, None], 0.0)
-        b_o = tl.dot(b_r * e_Ge, b_s, input_precision=PREC) + tl.dot(b_A, b_v, input_precision=PREC)  # [BT, BV]
-        store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
+        if not TRANSITION:
+            b_bonus = tl.sum(b_r * b_u[None, :] * b_k, axis=1)  # [BT]
+            b_A = intra(b_r * e_ge, b_k * e_ng, m_s, PREC) + tl.where(o_t[:, None] == o_t[None, :], b_bonus[:, None], 0.0)
+            b_o = tl.dot(b_r * e_Ge, b_s, input_precision=PREC) + tl.dot(b_A, b_v, input_precision=PREC)  # [BT, BV]
+            store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         b_s = e_gl[:, None] * b_s + tl.dot(tl.trans(b_k * e_h), b_v, input_precision=PREC)  # [K, BV]
-    if STORE_HT:
+    if TRANSITION:
+        tl.store(state_ptr(ht, i_nh, i_v, K, V + K, BV), b_s)
+    elif STORE_HT:
         tl.store(state_ptr(ht, i_nh, i_v, K, V, BV), b_s)
 
 
@@ -122,6 +132,27 @@ def wkv6_bwd_kernel(
 
 
 @triton.jit
+def wkv6_bwd_state_kernel(
+    r, w, do, ds0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """dS at the start of each segment when its end has none: dS <- Q0^T dO + e^{g_BT} dS."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, True)
+    b_ds = tl.zeros([K, BV], dtype=tl.float32)
+    NT = tl.cdiv(eos - bos, BT)
+    for j in range(NT):
+        i_t = NT - 1 - j
+        b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]
+        b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
+        b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
+        e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
+        b_ds = tl.dot(tl.trans(b_r * e_Ge), b_do, input_precision=PREC) + e_gl[:, None] * b_ds
+    tl.store(state_ptr(ds0, i_nh, i_v, K, V, BV), b_ds)
+
+
+@triton.jit
 def wkv6_step_kernel(r, k, v, w, u, s, o, s_new, scale, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BV: tl.constexpr):
     """One token for one (batch, head) and BV state columns: the recurrence as written."""
@@ -140,33 +171,62 @@ def wkv6_step_kernel(r, k, v, w, u, s, o, s_new, scale, H: tl.constexpr, K: tl.c
     tl.store(state_ptr(s_new, i_bh, i_v, K, V, BV), b_s)
 
 
-def _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save_states):
+def _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save):
+    """o, the final state (if asked) and what the backward needs (as wkv7_triton._fwd)."""
     B, T, H, N = r.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BV = block_v(N)
+    seg = plan_segments(T, n_seq, cu_seqlens, H, N // BV, BT, r.device)
+    dm = None
+    if seg is not None:  # every segment's map S_end = M S_start + D, then the start states by a scan
+        dm = r.new_empty(seg.n, H, N, 2 * N, dtype=torch.float32)
+        _launch_fwd(r, k, v, w, u, None, None, dm, None, seg.cu, seg.chunk_offsets, scale, T, BV, 2 * N // BV,
+                    seg.n * H, transition=True)
+        initial_state, ht = scan_segments(dm, seg, n_seq, initial_state)
+        cu_seqlens, n_seq = seg.cu, seg.n
     chunk_offsets, n_chunks = chunk_layout(T, n_seq, cu_seqlens, BT)
-    BV = block_v(N)
     o = torch.empty_like(v)
-    ht = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
-    hs = r.new_empty(n_chunks, H, N, N, dtype=torch.float32) if save_states else None
-    wkv6_fwd_kernel[(N // BV, n_seq * H)](
-        r, k, v, w, u, o, initial_state, ht, hs, cu_seqlens, chunk_offsets, scale, T,
-        H=H, K=N, V=N, BT=BT, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        STORE_HS=save_states, IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
+    if seg is None:
+        ht = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
+    hs = r.new_empty(n_chunks, H, N, N, dtype=torch.float32) if save else None
+    _launch_fwd(r, k, v, w, u, o, initial_state, None if seg is not None else ht, hs, cu_seqlens, chunk_offsets,
+                scale, T, BV, N // BV, n_seq * H)
+    return o, (ht if output_final_state else None), (hs, chunk_offsets, seg, dm)
+
+
+def _launch_fwd(r, k, v, w, u, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T, BV, n_col_blocks, n_rows,
+                transition=False):
+    N = r.shape[-1]
+    wkv6_fwd_kernel[(n_col_blocks, n_rows)](
+        r, k, v, w, u, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
+        H=r.shape[2], K=N, V=N, BT=BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
+        STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu_seqlens is not None,
+        PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
     )
-    return o, ht, hs, chunk_offsets
 
 
-def _bwd(r, k, v, w, u, do, dht, hs, scale, cu_seqlens, chunk_offsets, want_dh0):
+def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):
+    hs, chunk_offsets, seg, dm = saved
     B, T, H, N = r.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BV = block_v(N)
+    do = do.contiguous()
+    dh0 = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if want_dh0 and seg is None else None
+    if seg is not None:  # dS at every segment end: each segment's own dS walk, then a reverse scan
+        ds_start = r.new_empty(seg.n, H, N, N, dtype=torch.float32)
+        wkv6_bwd_state_kernel[(N // BV, seg.n * H)](
+            r, w, do, ds_start, seg.cu, seg.chunk_offsets, scale, T,
+            H=H, K=N, V=N, BT=BT, BV=BV, PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
+        )
+        dht, ds_seq_start = scan_segments(dm, seg, n_seq, dht, ds_start)
+        dh0 = ds_seq_start if want_dh0 else None
+        cu_seqlens, n_seq = seg.cu, seg.n
     dr, dk, dw = (r.new_empty(N // BV, B, T, H, N, dtype=torch.float32) for _ in range(3))
     du = r.new_empty(N // BV, n_seq, H, N, dtype=torch.float32)
     dv = torch.empty_like(v)
-    dh0 = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if want_dh0 else None
     wkv6_bwd_kernel[(N // BV, n_seq * H)](
-        r, k, v, w, u, do.contiguous(), dht, hs, dr, dk, dv, dw, du, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,
-        H=H, K=N, V=N, BT=BT, BV=BV, USE_DHT=dht is not None, STORE_DH0=want_dh0,
+        r, k, v, w, u, do, dht, hs, dr, dk, dv, dw, du, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,
+        H=H, K=N, V=N, BT=BT, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None and seg is None,
         IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype), num_warps=BWD_WARPS,
     )
     dr, dk, dw = (reduce_parts(p, x.dtype) for p, x in zip((dr, dk, dw), (r, k, w)))
@@ -177,17 +237,18 @@ class _WKV6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, k, v, w, u, initial_state, scale, output_final_state, cu_seqlens):
         save = any(ctx.needs_input_grad)
-        o, ht, hs, chunk_offsets = _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save)
+        o, ht, saved = _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save)
         if save:
-            ctx.save_for_backward(r, k, v, w, u, hs, cu_seqlens, chunk_offsets)
-            ctx.scale, ctx.has_h0 = scale, initial_state is not None
+            hs, chunk_offsets, seg, dm = saved
+            ctx.save_for_backward(r, k, v, w, u, hs, chunk_offsets, dm, cu_seqlens)
+            ctx.seg, ctx.scale, ctx.has_h0 = seg, scale, initial_state is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, k, v, w, u, hs, cu_seqlens, chunk_offsets = ctx.saved_tensors
+        r, k, v, w, u, hs, chunk_offsets, dm, cu_seqlens = ctx.saved_tensors
         dht = None if dht is None else dht.contiguous()
-        grads = _bwd(r, k, v, w, u, do, dht, hs, ctx.scale, cu_seqlens, chunk_offsets, ctx.has_h0)
+        grads = _bwd(r, k, v, w, u, do, dht, (hs, chunk_offsets, ctx.seg, dm), ctx.scale, cu_seqlens, ctx.has_h0)
         return (*grads, None, None, None)
 
 

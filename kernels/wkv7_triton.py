@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kernels.wkv_triton_common import (
     block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, load_chunk, reduce_parts,
-    reverse_cumsum, seq_bounds, state_ptr, store_chunk, unit_tril_inverse,
+    plan_segments, reverse_cumsum, scan_segments, seq_bounds, state_ptr, store_chunk, unit_tril_inverse,
 )
 
 BT = 16
@@ -31,61 +31,82 @@ LOG2_BT = 4
 
 
 @triton.jit
-def _chunk_u(b_s, b_v, b_a0, b_Aab, b_Aak, BT: tl.constexpr, LOG2_BT: tl.constexpr, PREC: tl.constexpr):
-    """U [BT, BV] (rows u_t = S_{t-1}^T a_t) and the triangular inverse (I - A_ab)^{-1} [BT, BT]."""
-    b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT)
-    b_x = tl.dot(b_a0, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC)  # [BT, BV]
-    return tl.dot(b_Ti, b_x, input_precision=PREC), b_Ti
+def _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """The K-side operands of chunk i_t, fp32 [BT, K]: scale r, w, k, a, b."""
+    return (load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale, load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K), load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K))
+
+
+@triton.jit
+def _ti_ptr(ti, i_c, i_h, H: tl.constexpr, BT: tl.constexpr):
+    """Pointers [BT, BT] to the saved (I - A_ab)^{-1} of chunk i_c, head i_h, in [n_chunks, H, BT, BT]."""
+    o_t = tl.arange(0, BT)
+    return ti + (i_c.to(tl.int64) * H + i_h) * BT * BT + o_t[:, None] * BT + o_t[None, :]
 
 
 @triton.jit
 def wkv7_fwd_kernel(
-    r, w, k, v, a, b, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
+    r, w, k, v, a, b, o, h0, ht, hs, ti, us, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr,
+    TRANSITION: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Walk the chunks in order carrying S [K, BV]. SAVE: keep for the backward the state at each
+    chunk start (hs), (I - A_ab)^{-1} (ti) and U (us). TRANSITION (segments, no output): programs
+    i_v >= V / BV carry identity columns with v = 0, so ht [n, H, K, V + K] receives [D | M] of
+    S_end = M S_start + D (the V-columns start from zero)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     m_s = o_t[:, None] > o_t[None, :]  # [BT, BT] i < t
     m_i = o_t[:, None] >= o_t[None, :]  # i <= t
+    NV: tl.constexpr = V // BV
     b_s = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
         b_s = tl.load(state_ptr(h0, i_nh, i_v, K, V, BV)).to(tl.float32)
+    v_on = 1.0
+    if TRANSITION:
+        b_s = tl.where(tl.arange(0, K)[:, None] == (i_v - NV) * BV + tl.arange(0, BV)[None, :], 1.0, 0.0)
+        v_on = (i_v < NV).to(tl.float32)
     for i_t in range(tl.cdiv(eos - bos, BT)):
-        if STORE_HS:
+        if SAVE:
             tl.store(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV), b_s)
-        b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]
-        b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_k = load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_a = load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
+        b_r, b_w, b_k, b_a, b_b = _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # [BT, K]
+        b_v = load_chunk(v, bos, eos, i_h, i_t, i_v % NV, H, V, BT, BV) * v_on  # [BT, BV]
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
-        b_u, _ = _chunk_u(b_s, b_v, b_a * e_Ge, intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC),
-                          BT, LOG2_BT, PREC)  # [BT, BV]
-        b_o = (tl.dot(b_r * e_G, b_s, input_precision=PREC)
-               + tl.dot(intra(b_rt, b_bt, m_i, PREC), b_u, input_precision=PREC)
-               + tl.dot(intra(b_rt, b_kt, m_i, PREC), b_v, input_precision=PREC))  # [BT, BV]
-        store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
+        b_Ti = unit_tril_inverse(intra(b_at, b_bt, m_s, PREC), BT, LOG2_BT)  # [BT, BT]
+        b_x = tl.dot(b_a * e_Ge, b_s, input_precision=PREC) + tl.dot(intra(b_at, b_kt, m_s, PREC), b_v, input_precision=PREC)
+        b_u = tl.dot(b_Ti, b_x, input_precision=PREC)  # [BT, BV] rows u_t = S_{t-1}^T a_t
+        if SAVE:
+            if i_v == 0:
+                tl.store(_ti_ptr(ti, c0 + i_t, i_h, H, BT), b_Ti)
+            store_chunk(us, b_u, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
+        if not TRANSITION:
+            b_o = (tl.dot(b_r * e_G, b_s, input_precision=PREC)
+                   + tl.dot(intra(b_rt, b_bt, m_i, PREC), b_u, input_precision=PREC)
+                   + tl.dot(intra(b_rt, b_kt, m_i, PREC), b_v, input_precision=PREC))  # [BT, BV]
+            store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         b_s = (e_gl[:, None] * b_s + tl.dot(tl.trans(b_b * e_h), b_u, input_precision=PREC)
                + tl.dot(tl.trans(b_k * e_h), b_v, input_precision=PREC))  # [K, BV]
-    if STORE_HT:
+    if TRANSITION:
+        tl.store(state_ptr(ht, i_nh, i_v, K, V + K, BV), b_s)
+    elif STORE_HT:
         tl.store(state_ptr(ht, i_nh, i_v, K, V, BV), b_s)
 
 
 @triton.jit
 def wkv7_bwd_kernel(
-    r, w, k, v, a, b, do, dht, hs, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, NTOK,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
+    r, w, k, v, a, b, do, dht, hs, ti, us, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, NTOK,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Reverse walk over the chunks carrying dS [K, BV]. dr, dw, dk, da, db are this program's
-    partial sums over its BV value columns, written to slice i_v of [NV, NTOK, H, K]."""
+    """Reverse walk over the chunks carrying dS [K, BV], from the forward's saved hs, ti, us.
+    dr, dw, dk, da, db are this program's partial sums over its BV value columns, written to slice
+    i_v of [NV, NTOK, H, K]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -101,19 +122,16 @@ def wkv7_bwd_kernel(
     for j in range(NT):
         i_t = NT - 1 - j
         b_s = tl.load(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV))  # [K, BV] state at chunk start
-        b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]
-        b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_k = load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_a = load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
+        b_Ti = tl.load(_ti_ptr(ti, c0 + i_t, i_h, H, BT))  # [BT, BT]
+        b_u = load_chunk(us, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
+        b_r, b_w, b_k, b_a, b_b = _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # [BT, K]
         b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
         b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
         b_r0, b_a0, b_bh, b_kh = b_r * e_G, b_a * e_Ge, b_b * e_h, b_k * e_h
-        b_Aab, b_Aak = intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
+        b_Aak = intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
         b_Arb, b_Ark = intra(b_rt, b_bt, m_i, PREC), intra(b_rt, b_kt, m_i, PREC)
-        b_u, b_Ti = _chunk_u(b_s, b_v, b_a0, b_Aab, b_Aak, BT, LOG2_BT, PREC)  # [BT, BV]
         # value side: U feeds O and S_BT; X = (I - A_ab) U
         b_du = tl.dot(tl.trans(b_Arb), b_do, input_precision=PREC) + tl.dot(b_bh, b_ds, input_precision=PREC)
         b_dx = tl.dot(tl.trans(b_Ti), b_du, input_precision=PREC)  # [BT, BV]
@@ -151,6 +169,34 @@ def wkv7_bwd_kernel(
 
 
 @triton.jit
+def wkv7_bwd_state_kernel(
+    r, w, a, b, do, ti, ds0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """dS at the start of each segment when its end has none (the backward's state walk alone):
+    dU = A_rb^T dO + Bh dS, dX = (I - A_ab)^{-T} dU, dS <- A0^T dX + R0^T dO + e^{g_BT} dS."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, True)
+    o_t = tl.arange(0, BT)
+    m_i = o_t[:, None] >= o_t[None, :]
+    b_ds = tl.zeros([K, BV], dtype=tl.float32)
+    NT = tl.cdiv(eos - bos, BT)
+    for j in range(NT):
+        i_t = NT - 1 - j
+        b_r, b_w, _, b_a, b_b = _load_rwkab(r, w, r, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # no k needed
+        b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
+        b_Ti = tl.load(_ti_ptr(ti, c0 + i_t, i_h, H, BT))
+        e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
+        b_Arb = intra(b_r * e_g, b_b * e_ng, m_i, PREC)
+        b_du = tl.dot(tl.trans(b_Arb), b_do, input_precision=PREC) + tl.dot(b_b * e_h, b_ds, input_precision=PREC)
+        b_dx = tl.dot(tl.trans(b_Ti), b_du, input_precision=PREC)
+        b_ds = (tl.dot(tl.trans(b_a * e_Ge), b_dx, input_precision=PREC)
+                + tl.dot(tl.trans(b_r * e_G), b_do, input_precision=PREC) + e_gl[:, None] * b_ds)
+    tl.store(state_ptr(ds0, i_nh, i_v, K, V, BV), b_ds)
+
+
+@triton.jit
 def wkv7_step_kernel(r, w, k, v, a, b, s, o, s_new, scale, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
     """One token for one (batch, head) and BV state columns: the recurrence as written."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
@@ -169,33 +215,66 @@ def wkv7_step_kernel(r, w, k, v, a, b, s, o, s_new, scale, K: tl.constexpr, V: t
     tl.store(o + i_bh * V + o_v, tl.sum(b_r[:, None] * b_s, axis=0).to(o.dtype.element_ty))
 
 
-def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save_states):
+def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save):
+    """o, the final state (if asked) and what the backward needs: hs, ti, us, the chunk layout and,
+    when the sequences were cut into segments, the segments and their maps [D | M]."""
     B, T, H, N = r.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BV = block_v(N)
+    seg = plan_segments(T, n_seq, cu_seqlens, H, N // BV, BT, r.device)
+    dm = None
+    if seg is not None:  # every segment's map S_end = M S_start + D, then the start states by a scan
+        dm = r.new_empty(seg.n, H, N, 2 * N, dtype=torch.float32)
+        _launch_fwd(r, w, k, v, a, b, None, None, dm, None, seg.cu, seg.chunk_offsets, scale, T, BV, 2 * N // BV,
+                    seg.n * H, transition=True)
+        initial_state, ht = scan_segments(dm, seg, n_seq, initial_state)
+        cu_seqlens, n_seq = seg.cu, seg.n
     chunk_offsets, n_chunks = chunk_layout(T, n_seq, cu_seqlens, BT)
-    BV = block_v(N)
     o = torch.empty_like(v)
-    ht = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
-    hs = r.new_empty(n_chunks, H, N, N, dtype=torch.float32) if save_states else None
-    wkv7_fwd_kernel[(N // BV, n_seq * H)](
-        r, w, k, v, a, b, o, initial_state, ht, hs, cu_seqlens, chunk_offsets, scale, T,
-        H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=BV, USE_H0=initial_state is not None,
-        STORE_HT=output_final_state, STORE_HS=save_states, IS_VARLEN=cu_seqlens is not None,
-        PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
+    if seg is None:
+        ht = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
+    hs = r.new_empty(n_chunks, H, N, N, dtype=torch.float32) if save else None
+    ti = r.new_empty(n_chunks, H, BT, BT, dtype=torch.float32) if save else None
+    us = r.new_empty(B, T, H, N, dtype=torch.float32) if save else None
+    saved = (hs, ti, us)
+    _launch_fwd(r, w, k, v, a, b, o, initial_state, None if seg is not None else ht, saved, cu_seqlens,
+                chunk_offsets, scale, T, BV, N // BV, n_seq * H)
+    return o, (ht if output_final_state else None), (hs, ti, us, chunk_offsets, seg, dm)
+
+
+def _launch_fwd(r, w, k, v, a, b, o, h0, ht, saved, cu_seqlens, chunk_offsets, scale, T, BV, n_col_blocks, n_rows,
+                transition=False):
+    hs, ti, us = saved or (None, None, None)
+    N = r.shape[-1]
+    wkv7_fwd_kernel[(n_col_blocks, n_rows)](
+        r, w, k, v, a, b, o, h0, ht, hs, ti, us, cu_seqlens, chunk_offsets, scale, T,
+        H=r.shape[2], K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
+        SAVE=hs is not None, TRANSITION=transition, IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype),
+        num_warps=FWD_WARPS,
     )
-    return o, ht, hs, chunk_offsets
 
 
-def _bwd(r, w, k, v, a, b, do, dht, hs, scale, cu_seqlens, chunk_offsets, want_dh0):
+def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
+    hs, ti, us, chunk_offsets, seg, dm = saved
     B, T, H, N = r.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BV = block_v(N)
+    do = do.contiguous()
+    dh0 = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if want_dh0 and seg is None else None
+    if seg is not None:  # dS at every segment end: each segment's own dS walk, then a reverse scan
+        ds_start = r.new_empty(seg.n, H, N, N, dtype=torch.float32)
+        wkv7_bwd_state_kernel[(N // BV, seg.n * H)](
+            r, w, a, b, do, ti, ds_start, seg.cu, seg.chunk_offsets, scale, T,
+            H=H, K=N, V=N, BT=BT, BV=BV, PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
+        )
+        dht, ds_seq_start = scan_segments(dm, seg, n_seq, dht, ds_start)
+        dh0 = ds_seq_start if want_dh0 else None
+        cu_seqlens, n_seq = seg.cu, seg.n
     dr, dw, dk, da, db = (r.new_empty(N // BV, B, T, H, N, dtype=torch.float32) for _ in range(5))
     dv = torch.empty_like(v)
-    dh0 = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if want_dh0 else None
     wkv7_bwd_kernel[(N // BV, n_seq * H)](
-        r, w, k, v, a, b, do.contiguous(), dht, hs, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,
-        H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=BV, USE_DHT=dht is not None, STORE_DH0=want_dh0,
+        r, w, k, v, a, b, do, dht, hs, ti, us, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,
+        H=H, K=N, V=N, BT=BT, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None and seg is None,
         IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype), num_warps=BWD_WARPS,
     )
     dr, dw, dk, da, db = (reduce_parts(p, x.dtype) for p, x in zip((dr, dw, dk, da, db), (r, w, k, a, b)))
@@ -206,17 +285,19 @@ class _WKV7(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, initial_state, scale, output_final_state, cu_seqlens):
         save = any(ctx.needs_input_grad)
-        o, ht, hs, chunk_offsets = _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save)
+        o, ht, saved = _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save)
         if save:
-            ctx.save_for_backward(r, w, k, v, a, b, hs, cu_seqlens, chunk_offsets)
-            ctx.scale, ctx.has_h0 = scale, initial_state is not None
+            hs, ti, us, chunk_offsets, seg, dm = saved
+            ctx.save_for_backward(r, w, k, v, a, b, hs, ti, us, chunk_offsets, dm, cu_seqlens)
+            ctx.seg, ctx.scale, ctx.has_h0 = seg, scale, initial_state is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, w, k, v, a, b, hs, cu_seqlens, chunk_offsets = ctx.saved_tensors
+        r, w, k, v, a, b, hs, ti, us, chunk_offsets, dm, cu_seqlens = ctx.saved_tensors
         dht = None if dht is None else dht.contiguous()
-        grads = _bwd(r, w, k, v, a, b, do, dht, hs, ctx.scale, cu_seqlens, chunk_offsets, ctx.has_h0)
+        grads = _bwd(r, w, k, v, a, b, do, dht, (hs, ti, us, chunk_offsets, ctx.seg, dm), ctx.scale, cu_seqlens,
+                     ctx.has_h0)
         return (*grads, None, None, None)
 
 

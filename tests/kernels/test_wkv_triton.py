@@ -119,6 +119,27 @@ def test_state_passing_equals_one_call(name):
     assert_all_close(outputs_and_grads(two_calls, wrt), one, EXACT)
 
 
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_segments_equal_one_walk(name, packed, monkeypatch):
+    """Sequences cut into segments (run in parallel, joined by the scan of their maps) == each
+    sequence walked in one program: outputs, final states, every gradient. Segments of 1 and 2
+    chunks; packed sequences include an empty one and one shorter than a segment."""
+    import kernels.wkv_triton_common as common
+
+    op = OPS[name][0]
+    B, bounds = (1, [0, 40, 40, 51, 90]) if packed else (2, None)
+    n_seq = len(bounds) - 1 if packed else B
+    x = leaves(on_device(OPS[name][2](B, 90 if packed else 45, 2, 16), torch.float32))
+    s0 = leaf(random_state(n_seq, 2, 16).to(DEV))
+    cu = None if bounds is None else torch.tensor(bounds, device=DEV)
+    run = lambda: op(*x.values(), initial_state=s0, output_final_state=True, cu_seqlens=cu)  # noqa: E731
+    one = outputs_and_grads(run, {**x, "s0": s0})
+    for seg_chunks in (1, 2):
+        monkeypatch.setattr(common, "SEGMENT_CHUNKS", seg_chunks)
+        assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), one, EXACT)
+
+
 STEPS = {"wkv7": wkv7_step_triton, "wkv6": wkv6_step_triton}
 
 
@@ -155,8 +176,13 @@ def test_bad_inputs_raise_value_error():
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [64, 128])
-def test_full_size_matches_reference_gpu(name, dtype, N):
-    """T = 1000 (not a multiple of the chunk), several heads and value blocks, on CUDA."""
+@pytest.mark.parametrize("segmented", [False, True])
+def test_full_size_matches_reference_gpu(name, dtype, N, segmented, monkeypatch):
+    """T = 1000 (not a multiple of the chunk), several heads and value blocks, on CUDA; each
+    sequence walked by one program, or cut into segments (as few programs make it by default)."""
+    import kernels.wkv_triton_common as common
+
+    monkeypatch.setattr(common, "MIN_PROGRAMS_PER_SM", 1 if segmented else 0)
     compare_with_reference(name, 2, 1000, 256 // N, N, dtype=dtype, scale=N ** -0.5)
 
 
