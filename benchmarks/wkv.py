@@ -33,8 +33,8 @@ VARIANTS = {
     "default": {},
     "bv32": dict(block_v=lambda N: 32),
     "bwd_w4": dict(BWD_WARPS=4),
-    "noseg": dict(MIN_PROGRAMS_PER_SM=0),
-    "seg2": dict(MIN_PROGRAMS_PER_SM=2),
+    "noseg": dict(SEGMENT_BELOW=0),
+    "seg1": dict(SEGMENT_BELOW=1),
 }
 
 

@@ -39,21 +39,14 @@ def _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H: tl.constexpr, K: tl
 
 
 @triton.jit
-def _ti_ptr(ti, i_c, i_h, H: tl.constexpr, BT: tl.constexpr):
-    """Pointers [BT, BT] to the saved (I - A_ab)^{-1} of chunk i_c, head i_h, in [n_chunks, H, BT, BT]."""
-    o_t = tl.arange(0, BT)
-    return ti + (i_c.to(tl.int64) * H + i_h) * BT * BT + o_t[:, None] * BT + o_t[None, :]
-
-
-@triton.jit
 def wkv7_fwd_kernel(
-    r, w, k, v, a, b, o, h0, ht, hs, ti, us, cu_seqlens, chunk_offsets, scale, T,
+    r, w, k, v, a, b, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr,
+    BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr,
     TRANSITION: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Walk the chunks in order carrying S [K, BV]. SAVE: keep for the backward the state at each
-    chunk start (hs), (I - A_ab)^{-1} (ti) and U (us). TRANSITION (segments, no output): programs
+    """Walk the chunks in order carrying S [K, BV]; STORE_HS keeps each chunk-start state for the
+    backward. TRANSITION (segments, no output): programs
     i_v >= V / BV carry identity columns with v = 0, so ht [n, H, K, V + K] receives [D | M] of
     S_end = M S_start + D (the V-columns start from zero)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -71,19 +64,19 @@ def wkv7_fwd_kernel(
         b_s = tl.where(tl.arange(0, K)[:, None] == (i_v - NV) * BV + tl.arange(0, BV)[None, :], 1.0, 0.0)
         v_on = (i_v < NV).to(tl.float32)
     for i_t in range(tl.cdiv(eos - bos, BT)):
-        if SAVE:
+        if STORE_HS:
             tl.store(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV), b_s)
         b_r, b_w, b_k, b_a, b_b = _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # [BT, K]
-        b_v = load_chunk(v, bos, eos, i_h, i_t, i_v % NV, H, V, BT, BV) * v_on  # [BT, BV]
+        if TRANSITION:
+            b_v = load_chunk(v, bos, eos, i_h, i_t, i_v % NV, H, V, BT, BV) * v_on  # [BT, BV]
+        else:
+            b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
-        b_Ti = unit_tril_inverse(intra(b_at, b_bt, m_s, PREC), BT, LOG2_BT)  # [BT, BT]
-        b_x = tl.dot(b_a * e_Ge, b_s, input_precision=PREC) + tl.dot(intra(b_at, b_kt, m_s, PREC), b_v, input_precision=PREC)
+        b_Aab, b_Aak = intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
+        b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT)
+        b_x = tl.dot(b_a * e_Ge, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC)
         b_u = tl.dot(b_Ti, b_x, input_precision=PREC)  # [BT, BV] rows u_t = S_{t-1}^T a_t
-        if SAVE:
-            if i_v == 0:
-                tl.store(_ti_ptr(ti, c0 + i_t, i_h, H, BT), b_Ti)
-            store_chunk(us, b_u, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         if not TRANSITION:
             b_o = (tl.dot(b_r * e_G, b_s, input_precision=PREC)
                    + tl.dot(intra(b_rt, b_bt, m_i, PREC), b_u, input_precision=PREC)
@@ -99,12 +92,12 @@ def wkv7_fwd_kernel(
 
 @triton.jit
 def wkv7_bwd_kernel(
-    r, w, k, v, a, b, do, dht, hs, ti, us, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, NTOK,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    r, w, k, v, a, b, do, dht, hs, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, NTOK,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Reverse walk over the chunks carrying dS [K, BV], from the forward's saved hs, ti, us.
+    """Reverse walk over the chunks carrying dS [K, BV], from the state saved at each chunk start.
     dr, dw, dk, da, db are this program's partial sums over its BV value columns, written to slice
     i_v of [NV, NTOK, H, K]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -122,16 +115,17 @@ def wkv7_bwd_kernel(
     for j in range(NT):
         i_t = NT - 1 - j
         b_s = tl.load(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV))  # [K, BV] state at chunk start
-        b_Ti = tl.load(_ti_ptr(ti, c0 + i_t, i_h, H, BT))  # [BT, BT]
-        b_u = load_chunk(us, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
         b_r, b_w, b_k, b_a, b_b = _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # [BT, K]
         b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
         b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
         b_r0, b_a0, b_bh, b_kh = b_r * e_G, b_a * e_Ge, b_b * e_h, b_k * e_h
-        b_Aak = intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
+        b_Aab, b_Aak = intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
         b_Arb, b_Ark = intra(b_rt, b_bt, m_i, PREC), intra(b_rt, b_kt, m_i, PREC)
+        b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT)
+        b_u = tl.dot(b_Ti, tl.dot(b_a0, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC),
+                     input_precision=PREC)  # [BT, BV]
         # value side: U feeds O and S_BT; X = (I - A_ab) U
         b_du = tl.dot(tl.trans(b_Arb), b_do, input_precision=PREC) + tl.dot(b_bh, b_ds, input_precision=PREC)
         b_dx = tl.dot(tl.trans(b_Ti), b_du, input_precision=PREC)  # [BT, BV]
@@ -170,8 +164,9 @@ def wkv7_bwd_kernel(
 
 @triton.jit
 def wkv7_bwd_state_kernel(
-    r, w, a, b, do, ti, ds0, cu_seqlens, chunk_offsets, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    r, w, a, b, do, ds0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """dS at the start of each segment when its end has none (the backward's state walk alone):
     dU = A_rb^T dO + Bh dS, dX = (I - A_ab)^{-T} dU, dS <- A0^T dX + R0^T dO + e^{g_BT} dS."""
@@ -179,6 +174,7 @@ def wkv7_bwd_state_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, True)
     o_t = tl.arange(0, BT)
+    m_s = o_t[:, None] > o_t[None, :]
     m_i = o_t[:, None] >= o_t[None, :]
     b_ds = tl.zeros([K, BV], dtype=tl.float32)
     NT = tl.cdiv(eos - bos, BT)
@@ -186,9 +182,10 @@ def wkv7_bwd_state_kernel(
         i_t = NT - 1 - j
         b_r, b_w, _, b_a, b_b = _load_rwkab(r, w, r, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # no k needed
         b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
-        b_Ti = tl.load(_ti_ptr(ti, c0 + i_t, i_h, H, BT))
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
-        b_Arb = intra(b_r * e_g, b_b * e_ng, m_i, PREC)
+        b_bt = b_b * e_ng
+        b_Ti = unit_tril_inverse(intra(b_a * e_ge, b_bt, m_s, PREC), BT, LOG2_BT)
+        b_Arb = intra(b_r * e_g, b_bt, m_i, PREC)
         b_du = tl.dot(tl.trans(b_Arb), b_do, input_precision=PREC) + tl.dot(b_b * e_h, b_ds, input_precision=PREC)
         b_dx = tl.dot(tl.trans(b_Ti), b_du, input_precision=PREC)
         b_ds = (tl.dot(tl.trans(b_a * e_Ge), b_dx, input_precision=PREC)
@@ -216,7 +213,7 @@ def wkv7_step_kernel(r, w, k, v, a, b, s, o, s_new, scale, K: tl.constexpr, V: t
 
 
 def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save):
-    """o, the final state (if asked) and what the backward needs: hs, ti, us, the chunk layout and,
+    """o, the final state (if asked) and what the backward needs: hs, the chunk layout and,
     when the sequences were cut into segments, the segments and their maps [D | M]."""
     B, T, H, N = r.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -234,28 +231,24 @@ def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
     if seg is None:
         ht = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
     hs = r.new_empty(n_chunks, H, N, N, dtype=torch.float32) if save else None
-    ti = r.new_empty(n_chunks, H, BT, BT, dtype=torch.float32) if save else None
-    us = r.new_empty(B, T, H, N, dtype=torch.float32) if save else None
-    saved = (hs, ti, us)
-    _launch_fwd(r, w, k, v, a, b, o, initial_state, None if seg is not None else ht, saved, cu_seqlens,
+    _launch_fwd(r, w, k, v, a, b, o, initial_state, None if seg is not None else ht, hs, cu_seqlens,
                 chunk_offsets, scale, T, BV, N // BV, n_seq * H)
-    return o, (ht if output_final_state else None), (hs, ti, us, chunk_offsets, seg, dm)
+    return o, (ht if output_final_state else None), (hs, chunk_offsets, seg, dm)
 
 
-def _launch_fwd(r, w, k, v, a, b, o, h0, ht, saved, cu_seqlens, chunk_offsets, scale, T, BV, n_col_blocks, n_rows,
+def _launch_fwd(r, w, k, v, a, b, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T, BV, n_col_blocks, n_rows,
                 transition=False):
-    hs, ti, us = saved or (None, None, None)
     N = r.shape[-1]
     wkv7_fwd_kernel[(n_col_blocks, n_rows)](
-        r, w, k, v, a, b, o, h0, ht, hs, ti, us, cu_seqlens, chunk_offsets, scale, T,
+        r, w, k, v, a, b, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
         H=r.shape[2], K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        SAVE=hs is not None, TRANSITION=transition, IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype),
+        STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype),
         num_warps=FWD_WARPS,
     )
 
 
 def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
-    hs, ti, us, chunk_offsets, seg, dm = saved
+    hs, chunk_offsets, seg, dm = saved
     B, T, H, N = r.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BV = block_v(N)
@@ -264,8 +257,8 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
     if seg is not None:  # dS at every segment end: each segment's own dS walk, then a reverse scan
         ds_start = r.new_empty(seg.n, H, N, N, dtype=torch.float32)
         wkv7_bwd_state_kernel[(N // BV, seg.n * H)](
-            r, w, a, b, do, ti, ds_start, seg.cu, seg.chunk_offsets, scale, T,
-            H=H, K=N, V=N, BT=BT, BV=BV, PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
+            r, w, a, b, do, ds_start, seg.cu, seg.chunk_offsets, scale, T,
+            H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=BV, PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
         )
         dht, ds_seq_start = scan_segments(dm, seg, n_seq, dht, ds_start)
         dh0 = ds_seq_start if want_dh0 else None
@@ -273,8 +266,8 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
     dr, dw, dk, da, db = (r.new_empty(N // BV, B, T, H, N, dtype=torch.float32) for _ in range(5))
     dv = torch.empty_like(v)
     wkv7_bwd_kernel[(N // BV, n_seq * H)](
-        r, w, k, v, a, b, do, dht, hs, ti, us, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,
-        H=H, K=N, V=N, BT=BT, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None and seg is None,
+        r, w, k, v, a, b, do, dht, hs, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,
+        H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None and seg is None,
         IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype), num_warps=BWD_WARPS,
     )
     dr, dw, dk, da, db = (reduce_parts(p, x.dtype) for p, x in zip((dr, dw, dk, da, db), (r, w, k, a, b)))
@@ -287,16 +280,16 @@ class _WKV7(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         o, ht, saved = _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save)
         if save:
-            hs, ti, us, chunk_offsets, seg, dm = saved
-            ctx.save_for_backward(r, w, k, v, a, b, hs, ti, us, chunk_offsets, dm, cu_seqlens)
+            hs, chunk_offsets, seg, dm = saved
+            ctx.save_for_backward(r, w, k, v, a, b, hs, chunk_offsets, dm, cu_seqlens)
             ctx.seg, ctx.scale, ctx.has_h0 = seg, scale, initial_state is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, w, k, v, a, b, hs, ti, us, chunk_offsets, dm, cu_seqlens = ctx.saved_tensors
+        r, w, k, v, a, b, hs, chunk_offsets, dm, cu_seqlens = ctx.saved_tensors
         dht = None if dht is None else dht.contiguous()
-        grads = _bwd(r, w, k, v, a, b, do, dht, (hs, ti, us, chunk_offsets, ctx.seg, dm), ctx.scale, cu_seqlens,
+        grads = _bwd(r, w, k, v, a, b, do, dht, (hs, chunk_offsets, ctx.seg, dm), ctx.scale, cu_seqlens,
                      ctx.has_h0)
         return (*grads, None, None, None)
 

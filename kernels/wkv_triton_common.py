@@ -167,7 +167,7 @@ def reverse_cumsum(b_x):
 # Long sequences with few heads leave most of the GPU idle while each program walks its chunks in
 # order. They are cut into segments that run in parallel; a segment's end state is affine in its
 # start state, S_end = M S_start + D, so a short serial scan over (M, D) gives every segment's start.
-MIN_PROGRAMS_PER_SM = 1  # fewer (sequence, head, value block) programs than this x SMs: segment
+SEGMENT_BELOW = 0.5  # segment when the (sequence, head, value block) programs are fewer than this x SMs
 SEGMENT_CHUNKS: int | None = None  # fixed segment length in chunks (tests); None: chosen per call
 
 
@@ -189,7 +189,7 @@ def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int
         seg_chunks = SEGMENT_CHUNKS
     elif device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if programs >= MIN_PROGRAMS_PER_SM * sms:
+        if programs >= SEGMENT_BELOW * sms:
             return None
         pieces = math.ceil(2 * sms / programs)  # segmenting doubles the programs of the first pass
         seg_chunks = max(8, math.ceil(math.ceil(T / BT) / pieces))

@@ -81,7 +81,8 @@ def outputs_and_grads(forward: Callable[[], tuple[Tensor, Tensor]], wrt: dict[st
     leaf in wrt, as {"o", "s_T", "d<name>"}. Two forwards over the same leaves that compute the
     same function (e.g. packed vs separate calls) must return the same dict."""
     o, s_T = forward()
-    loss = (o * cotangent(o.shape, o.dtype, seed)).sum() + (s_T * cotangent(s_T.shape, s_T.dtype, seed + 1)).sum()
+    g_o, g_s = cotangent(o.shape, o.dtype, seed), cotangent(s_T.shape, s_T.dtype, seed + 1)
+    loss = (o * g_o.to(o.device)).sum() + (s_T * g_s.to(s_T.device)).sum()
     grads = torch.autograd.grad(loss, list(wrt.values()))
     return {"o": o, "s_T": s_T, **{f"d{n}": g for n, g in zip(wrt, grads)}}
 

@@ -182,7 +182,7 @@ def test_full_size_matches_reference_gpu(name, dtype, N, segmented, monkeypatch)
     sequence walked by one program, or cut into segments (as few programs make it by default)."""
     import kernels.wkv_triton_common as common
 
-    monkeypatch.setattr(common, "MIN_PROGRAMS_PER_SM", 1 if segmented else 0)
+    monkeypatch.setattr(common, "SEGMENT_BELOW", 1e9 if segmented else 0)
     compare_with_reference(name, 2, 1000, 256 // N, N, dtype=dtype, scale=N ** -0.5)
 
 
@@ -197,9 +197,10 @@ def test_full_size_decay_extremes_gpu(name):
 def test_student_layer_step_triton_equals_torch_gpu():
     """One RAD-RWKV7 training step (forward + backward) in bf16 with backend="triton" vs "torch".
 
-    Output: relative difference <= 1e-2. Gradients: each backend is also compared with the same layer
-    run in fp64, and triton's error must be within the bf16 tolerance (1e-2) or at most 1.5x torch's
-    (some parameter gradients of a bf16 layer sit near 1e-2 whatever the WKV backend).
+    Output and the step's whole gradient (every parameter's, joined into one vector): relative
+    difference <= 1e-2. Per parameter, each backend is also compared with the same layer run in fp64:
+    triton's error must be within 1e-2 or at most 1.5x torch's (a few parameter gradients of a bf16
+    layer sit near 1e-2 whatever the WKV backend, so a per-parameter triton-vs-torch 1e-2 is noise).
     """
     from models.rad_rwkv7 import RadRWKV7
     from models.student import StudentConfig, TeacherShape, resolve
@@ -219,10 +220,12 @@ def test_student_layer_step_triton_equals_torch_gpu():
     outs, grads = {}, {}
     for name, layer in layers.items():
         dt = next(layer.parameters()).dtype
-        y, _ = layer(x.to(dt), (angles.cos().to(dt), angles.sin().to(dt)), v_first.to(dt))
+        y, _, _ = layer(x.to(dt), (angles.cos().to(dt), angles.sin().to(dt)), v_first.to(dt))
         y.double().square().mean().backward()
         outs[name], grads[name] = y, {n: p.grad for n, p in layer.named_parameters()}
     assert rel_err(outs["triton"], outs["torch"]) <= 1e-2
+    joined = {name: torch.cat([g.double().flatten() for g in grads[name].values()]) for name in ("triton", "torch")}
+    assert rel_err(joined["triton"], joined["torch"]) <= 1e-2
     for n, g64 in grads["fp64"].items():
         err_triton, err_torch = rel_err(grads["triton"][n], g64), rel_err(grads["torch"][n], g64)
         assert err_triton <= max(1e-2, 1.5 * err_torch), (n, err_triton, err_torch)
