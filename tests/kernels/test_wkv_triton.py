@@ -140,6 +140,21 @@ def test_segments_equal_one_walk(name, packed, monkeypatch):
         assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), one, EXACT)
 
 
+def test_segment_plan_layout(monkeypatch):
+    """Segments of SEGMENT_CHUNKS chunks on the flattened token axis; each sequence's first segment
+    and each segment's first chunk; an empty packed sequence keeps one empty segment. Without a fixed
+    length, CPU tensors are never cut (the choice depends on the GPU's SM count)."""
+    import kernels.wkv_triton_common as common
+
+    assert common.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu")) is None
+    monkeypatch.setattr(common, "SEGMENT_CHUNKS", 2)
+    seg = common.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu"))
+    assert seg.cu.tolist() == [0, 32, 64, 70, 102, 134, 140] and seg.first.tolist() == [0, 3, 6]
+    assert seg.chunk_offsets.tolist() == [0, 2, 4, 5, 7, 9, 10] and seg.n == 6
+    seg = common.plan_segments(40, 3, torch.tensor([0, 5, 5, 40]), 2, 1, 16, torch.device("cpu"))
+    assert seg.cu.tolist() == [0, 5, 5, 37, 40] and seg.first.tolist() == [0, 1, 2, 4]
+
+
 STEPS = {"wkv7": wkv7_step_triton, "wkv6": wkv6_step_triton}
 
 
