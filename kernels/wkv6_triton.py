@@ -19,8 +19,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, load_chunk, reduce_parts,
-    plan_segments, reverse_cumsum, scan_segments, seq_bounds, state_ptr, store_chunk,
+    block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, load_chunk, partial_grad,
+    plan_segments, reduce_parts, reverse_cumsum, scan_segments, seq_bounds, state_ptr, store_chunk,
 )
 
 BT = 16
@@ -221,7 +221,7 @@ def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):
         dht, ds_seq_start = scan_segments(dm, seg, n_seq, dht, ds_start)
         dh0 = ds_seq_start if want_dh0 else None
         cu_seqlens, n_seq = seg.cu, seg.n
-    dr, dk, dw = (r.new_empty(N // BV, B, T, H, N, dtype=torch.float32) for _ in range(3))
+    dr, dk, dw = (partial_grad(x, N // BV) for x in (r, k, w))
     du = r.new_empty(N // BV, n_seq, H, N, dtype=torch.float32)
     dv = torch.empty_like(v)
     wkv6_bwd_kernel[(N // BV, n_seq * H)](

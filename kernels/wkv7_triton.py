@@ -21,8 +21,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, load_chunk, reduce_parts,
-    plan_segments, reverse_cumsum, scan_segments, seq_bounds, state_ptr, store_chunk, unit_tril_inverse,
+    block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, load_chunk, partial_grad,
+    plan_segments, reduce_parts, reverse_cumsum, scan_segments, seq_bounds, state_ptr, store_chunk,
+    unit_tril_inverse,
 )
 
 BT = 16
@@ -263,7 +264,7 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
         dht, ds_seq_start = scan_segments(dm, seg, n_seq, dht, ds_start)
         dh0 = ds_seq_start if want_dh0 else None
         cu_seqlens, n_seq = seg.cu, seg.n
-    dr, dw, dk, da, db = (r.new_empty(N // BV, B, T, H, N, dtype=torch.float32) for _ in range(5))
+    dr, dw, dk, da, db = (partial_grad(x, N // BV) for x in (r, w, k, a, b))
     dv = torch.empty_like(v)
     wkv7_bwd_kernel[(N // BV, n_seq * H)](
         r, w, k, v, a, b, do, dht, hs, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,

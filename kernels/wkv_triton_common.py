@@ -72,6 +72,12 @@ def block_v(N: int) -> int:
     return min(N, 64) if N <= 64 else 32
 
 
+def partial_grad(x: Tensor, NV: int) -> Tensor:
+    """Room for per-value-block partial gradients of x, [NV, *x.shape]: fp32 when NV > 1 (they are
+    summed); with one block the kernel writes the gradient in x's dtype (no separate cast pass)."""
+    return x.new_empty(NV, *x.shape, dtype=torch.float32 if NV > 1 else x.dtype)
+
+
 def reduce_parts(part: Tensor, dtype: torch.dtype) -> Tensor:
     """Sum the per-value-block partial gradients [NV, ...] and cast to the input dtype."""
     return (part[0] if part.shape[0] == 1 else part.sum(0)).to(dtype)
