@@ -23,7 +23,7 @@ from triton.testing import do_bench
 
 import kernels.wkv6_triton as wkv6_mod
 import kernels.wkv7_triton as wkv7_mod
-import kernels.wkv_triton_common as common_mod
+import kernels.wkv_triton_walk as walk_mod
 
 SHAPES = [(8, 4096, 16, 64), (8, 4096, 64, 64), (2, 16384, 16, 64), (1, 65536, 16, 64)]
 BF16 = 2  # bytes per element
@@ -87,7 +87,7 @@ def sdpa_fn(B, T, H, N):
 def set_variant(name: str) -> dict:
     """Point both kernel modules at a tuning variant; returns the previous attribute values."""
     old = {}
-    for mod in (wkv7_mod, wkv6_mod, common_mod):
+    for mod in (wkv7_mod, wkv6_mod, walk_mod):
         for key, val in VARIANTS[name].items():
             if hasattr(mod, key):
                 old[(mod, key)] = getattr(mod, key)
@@ -114,7 +114,7 @@ def resource_report() -> list[dict]:
     """Registers, spills and shared memory of every compiled variant of our kernels."""
     kernels = {wkv7_mod: ("wkv7_fwd_kernel", "wkv7_bwd_kernel", "wkv7_bwd_state_kernel"),
                wkv6_mod: ("wkv6_fwd_kernel", "wkv6_bwd_kernel", "wkv6_bwd_state_kernel"),
-               common_mod: ("segment_scan_kernel",)}
+               walk_mod: ("segment_scan_kernel",)}
     rows = []
     for mod, names in kernels.items():
         for name in names:

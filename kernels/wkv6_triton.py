@@ -19,9 +19,10 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, load_chunk, partial_grad,
-    plan_segments, reduce_parts, reverse_cumsum, scan_segments, seq_bounds, state_ptr, store_chunk,
+    block_v, check_inputs, chunk_decays, dot_precision, intra, load_chunk, partial_grad, reduce_parts,
+    reverse_cumsum, seq_bounds, state_ptr, store_chunk, walk_end, walk_start,
 )
+from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
@@ -43,13 +44,7 @@ def wkv6_fwd_kernel(
     m_s = o_t[:, None] > o_t[None, :]  # [BT, BT] i < t
     NV: tl.constexpr = V // BV
     b_u = tl.load(u + i_h * K + tl.arange(0, K)).to(tl.float32)  # [K]
-    b_s = tl.zeros([K, BV], dtype=tl.float32)
-    if USE_H0:
-        b_s = tl.load(state_ptr(h0, i_nh, i_v, K, V, BV)).to(tl.float32)
-    v_on = 1.0
-    if TRANSITION:
-        b_s = tl.where(tl.arange(0, K)[:, None] == (i_v - NV) * BV + tl.arange(0, BV)[None, :], 1.0, 0.0)
-        v_on = (i_v < NV).to(tl.float32)
+    b_s, v_on = walk_start(h0, i_nh, i_v, K, V, BV, USE_H0, TRANSITION)
     for i_t in range(tl.cdiv(eos - bos, BT)):
         if STORE_HS:
             tl.store(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV), b_s)
@@ -64,10 +59,7 @@ def wkv6_fwd_kernel(
             b_o = tl.dot(b_r * e_Ge, b_s, input_precision=PREC) + tl.dot(b_A, b_v, input_precision=PREC)  # [BT, BV]
             store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         b_s = e_gl[:, None] * b_s + tl.dot(tl.trans(b_k * e_h), b_v, input_precision=PREC)  # [K, BV]
-    if TRANSITION:
-        tl.store(state_ptr(ht, i_nh, i_v, K, V + K, BV), b_s)
-    elif STORE_HT:
-        tl.store(state_ptr(ht, i_nh, i_v, K, V, BV), b_s)
+    walk_end(ht, b_s, i_nh, i_v, K, V, BV, STORE_HT, TRANSITION)
 
 
 @triton.jit
@@ -172,63 +164,40 @@ def wkv6_step_kernel(r, k, v, w, u, s, o, s_new, scale, H: tl.constexpr, K: tl.c
 
 
 def _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save):
-    """o, the final state (if asked) and what the backward needs (as wkv7_triton._fwd)."""
-    B, T, H, N = r.shape
-    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BV = block_v(N)
-    seg = plan_segments(T, n_seq, cu_seqlens, H, N // BV, BT, r.device)
-    dm = None
-    if seg is not None:  # every segment's map S_end = M S_start + D, then the start states by a scan
-        dm = r.new_empty(seg.n, H, N, 2 * N, dtype=torch.float32)
-        _launch_fwd(r, k, v, w, u, None, None, dm, None, seg.cu, seg.chunk_offsets, scale, T, BV, 2 * N // BV,
-                    seg.n * H, transition=True)
-        initial_state, ht = scan_segments(dm, seg, n_seq, initial_state)
-        cu_seqlens, n_seq = seg.cu, seg.n
-    chunk_offsets, n_chunks = chunk_layout(T, n_seq, cu_seqlens, BT)
-    o = torch.empty_like(v)
-    if seg is None:
-        ht = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
-    hs = r.new_empty(n_chunks, H, N, N, dtype=torch.float32) if save else None
-    _launch_fwd(r, k, v, w, u, o, initial_state, None if seg is not None else ht, hs, cu_seqlens, chunk_offsets,
-                scale, T, BV, N // BV, n_seq * H)
-    return o, (ht if output_final_state else None), (hs, chunk_offsets, seg, dm)
-
-
-def _launch_fwd(r, k, v, w, u, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T, BV, n_col_blocks, n_rows,
-                transition=False):
     N = r.shape[-1]
-    wkv6_fwd_kernel[(n_col_blocks, n_rows)](
-        r, k, v, w, u, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
-        H=r.shape[2], K=N, V=N, BT=BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
-        STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu_seqlens is not None,
-        PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
-    )
+
+    def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
+        wkv6_fwd_kernel[grid](
+            r, k, v, w, u, o, h0, ht, hs, cu, chunk_offsets, scale, r.shape[1],
+            H=r.shape[2], K=N, V=N, BT=BT, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
+            STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
+            num_warps=FWD_WARPS,
+        )
+
+    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
 
 
 def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):
-    hs, chunk_offsets, seg, dm = saved
     B, T, H, N = r.shape
-    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BV = block_v(N)
+    NV = N // block_v(N)
     do = do.contiguous()
-    dh0 = r.new_empty(n_seq, H, N, N, dtype=torch.float32) if want_dh0 and seg is None else None
-    if seg is not None:  # dS at every segment end: each segment's own dS walk, then a reverse scan
-        ds_start = r.new_empty(seg.n, H, N, N, dtype=torch.float32)
-        wkv6_bwd_state_kernel[(N // BV, seg.n * H)](
-            r, w, do, ds_start, seg.cu, seg.chunk_offsets, scale, T,
-            H=H, K=N, V=N, BT=BT, BV=BV, PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
-        )
-        dht, ds_seq_start = scan_segments(dm, seg, n_seq, dht, ds_start)
-        dh0 = ds_seq_start if want_dh0 else None
-        cu_seqlens, n_seq = seg.cu, seg.n
-    dr, dk, dw = (partial_grad(x, N // BV) for x in (r, k, w))
-    du = r.new_empty(N // BV, n_seq, H, N, dtype=torch.float32)
+    dr, dk, dw = (partial_grad(x, NV) for x in (r, k, w))
     dv = torch.empty_like(v)
-    wkv6_bwd_kernel[(N // BV, n_seq * H)](
-        r, k, v, w, u, do, dht, hs, dr, dk, dv, dw, du, dh0, cu_seqlens, chunk_offsets, scale, T, B * T,
-        H=H, K=N, V=N, BT=BT, BV=BV, USE_DHT=dht is not None, STORE_DH0=dh0 is not None and seg is None,
-        IS_VARLEN=cu_seqlens is not None, PREC=dot_precision(r.dtype), num_warps=BWD_WARPS,
-    )
+    rows = saved.seg.n if saved.seg is not None else B if cu_seqlens is None else cu_seqlens.numel() - 1
+    du = r.new_empty(NV, rows, H, N, dtype=torch.float32)  # partial bonus gradients per walked row
+    shape = dict(H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(r.dtype))
+
+    def launch(dht, dh0, cu, chunk_offsets, grid):
+        wkv6_bwd_kernel[grid](
+            r, k, v, w, u, do, dht, saved.hs, dr, dk, dv, dw, du, dh0, cu, chunk_offsets, scale, T, B * T,
+            USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=cu is not None, num_warps=BWD_WARPS,
+            **shape,
+        )
+
+    def state_walk(ds_start, cu, chunk_offsets, grid):
+        wkv6_bwd_state_kernel[grid](r, w, do, ds_start, cu, chunk_offsets, scale, T, num_warps=FWD_WARPS, **shape)
+
+    dh0 = walk_backward(launch, state_walk, r, dht, saved, cu_seqlens, want_dh0)
     dr, dk, dw = (reduce_parts(p, x.dtype) for p, x in zip((dr, dk, dw), (r, k, w)))
     return dr, dk, dv, dw, du.sum((0, 1)).to(u.dtype), dh0
 
@@ -239,16 +208,15 @@ class _WKV6(torch.autograd.Function):
         save = any(ctx.needs_input_grad)
         o, ht, saved = _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save)
         if save:
-            hs, chunk_offsets, seg, dm = saved
-            ctx.save_for_backward(r, k, v, w, u, hs, chunk_offsets, dm, cu_seqlens)
-            ctx.seg, ctx.scale, ctx.has_h0 = seg, scale, initial_state is not None
+            ctx.save_for_backward(r, k, v, w, u, cu_seqlens)
+            ctx.walk, ctx.scale, ctx.has_h0 = saved, scale, initial_state is not None
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        r, k, v, w, u, hs, chunk_offsets, dm, cu_seqlens = ctx.saved_tensors
+        r, k, v, w, u, cu_seqlens = ctx.saved_tensors
         dht = None if dht is None else dht.contiguous()
-        grads = _bwd(r, k, v, w, u, do, dht, (hs, chunk_offsets, ctx.seg, dm), ctx.scale, cu_seqlens, ctx.has_h0)
+        grads = _bwd(r, k, v, w, u, do, dht, ctx.walk, ctx.scale, cu_seqlens, ctx.has_h0)
         return (*grads, None, None, None)
 
 

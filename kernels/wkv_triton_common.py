@@ -1,13 +1,11 @@
 """Pieces shared by the WKV-6 and WKV-7 Triton kernels: input checks, the chunk layout of
-(packed) sequences, and small in-kernel helpers.
+(packed) sequences, and small in-kernel helpers. How the walks are laid out over programs is in
+kernels/wkv_triton_walk.py.
 
 Shapes: B batch, T time, H heads, K = V = N channels per head; BT chunk length, BV value block.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -113,6 +111,33 @@ def state_ptr(s, i_s, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
+def walk_start(h0, i_nh, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
+               TRANSITION: tl.constexpr):
+    """The state [K, BV] a forward walk starts from (h0, else zeros) and the factor on v (1). In a
+    transition pass, programs past the V / BV value blocks carry identity columns with v off (0),
+    so their end state is a block of columns of the segment's M."""
+    b_s = tl.zeros([K, BV], dtype=tl.float32)
+    if USE_H0:
+        b_s = tl.load(state_ptr(h0, i_nh, i_v, K, V, BV)).to(tl.float32)
+    v_on = 1.0
+    if TRANSITION:
+        NV: tl.constexpr = V // BV
+        b_s = tl.where(tl.arange(0, K)[:, None] == (i_v - NV) * BV + tl.arange(0, BV)[None, :], 1.0, 0.0)
+        v_on = (i_v < NV).to(tl.float32)
+    return b_s, v_on
+
+
+@triton.jit
+def walk_end(ht, b_s, i_nh, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, STORE_HT: tl.constexpr,
+             TRANSITION: tl.constexpr):
+    """Store a forward walk's end state: into [n, H, K, V + K] ([D | M]) in a transition pass."""
+    if TRANSITION:
+        tl.store(state_ptr(ht, i_nh, i_v, K, V + K, BV), b_s)
+    elif STORE_HT:
+        tl.store(state_ptr(ht, i_nh, i_v, K, V, BV), b_s)
+
+
+@triton.jit
 def chunk_decays(b_w):
     """Decay factors of one chunk from its log decays b_w [BT, K] (padded rows have w = 0).
 
@@ -169,91 +194,3 @@ def reverse_cumsum(b_x):
     """y_t = sum_{s >= t} x_s along axis 0."""
     return tl.sum(b_x, axis=0)[None, :] - tl.cumsum(b_x, axis=0) + b_x
 
-
-# Long sequences with few heads leave most of the GPU idle while each program walks its chunks in
-# order. They are cut into segments that run in parallel; a segment's end state is affine in its
-# start state, S_end = M S_start + D, so a short serial scan over (M, D) gives every segment's start.
-SEGMENT_BELOW = 0.5  # segment when the (sequence, head, value block) programs are fewer than this x SMs
-SEGMENT_CHUNKS: int | None = None  # fixed segment length in chunks (tests); None: chosen per call
-
-
-@dataclass
-class Segments:
-    """Sequences cut into segments, each run as a packed sequence of its own."""
-
-    cu: Tensor  # [n + 1] int32 token offsets (flattened B*T axis) of the segments
-    first: Tensor  # [n_seq + 1] int32 index of each sequence's first segment
-    chunk_offsets: Tensor  # [n + 1] int32 index of each segment's first chunk
-    n: int
-
-
-def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int, BT: int,
-                  device: torch.device) -> Segments | None:
-    """Segments when the (sequence, head, value block) programs cannot fill the device, else None."""
-    programs = n_seq * H * NV
-    if SEGMENT_CHUNKS is not None:
-        seg_chunks = SEGMENT_CHUNKS
-    elif device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if programs >= SEGMENT_BELOW * sms:
-            return None
-        pieces = math.ceil(2 * sms / programs)  # segmenting doubles the programs of the first pass
-        seg_chunks = max(8, math.ceil(math.ceil(T / BT) / pieces))
-    else:
-        return None
-    bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
-    starts = [i * T for i in range(n_seq)] if cu_seqlens is None else bounds[:-1]
-    ends = [s + T for s in starts] if cu_seqlens is None else bounds[1:]
-    cu, first = [], [0]
-    for bos, eos in zip(starts, ends):
-        cu += list(range(bos, max(eos, bos + 1), seg_chunks * BT))  # an empty sequence keeps one segment
-        first.append(len(cu))
-    cu.append(ends[-1])
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
-    chunk_offsets, _ = chunk_layout(cu[-1], len(cu) - 1, cu_t, BT)
-    return Segments(cu_t, torch.tensor(first, dtype=torch.int32, device=device), chunk_offsets, len(cu) - 1)
-
-
-@triton.jit
-def segment_scan_kernel(dm, e, s0, out, s_last, seg_first, H: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
-                        REVERSE: tl.constexpr, USE_S0: tl.constexpr):
-    """Walk one sequence's segments for one head and BV state columns.
-
-    dm [n_seg, H, K, 2K] holds each segment's map S_end = M S_start + D as [D | M]. Forward:
-    out[j] = state at the start of segment j, s_last = state at the sequence end. REVERSE (cotangents):
-    out[j] = dS at the end of segment j, dS_start(j) = M_j^T dS_end(j) + e[j], s_last = dS at the
-    sequence start; s0 is the final state (forward) or its cotangent (reverse)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    j0, j1 = tl.load(seg_first + i_n), tl.load(seg_first + i_n + 1)
-    o_k = tl.arange(0, K)
-    o_c = i_v * BV + tl.arange(0, BV)
-    b_s = tl.zeros([K, BV], dtype=tl.float32)
-    if USE_S0:
-        b_s = tl.load(state_ptr(s0, i_nh, i_v, K, K, BV))
-    for jj in range(j1 - j0):
-        j = (j1 - 1 - jj) if REVERSE else (j0 + jj)
-        j_h = j.to(tl.int64) * H + i_h
-        tl.store(state_ptr(out, j_h, i_v, K, K, BV), b_s)
-        p_dm = dm + j_h * K * 2 * K
-        if REVERSE:
-            b_m = tl.load(p_dm + o_k[None, :] * 2 * K + K + o_k[:, None])  # M^T
-            b_off = tl.load(state_ptr(e, j_h, i_v, K, K, BV))
-        else:
-            b_m = tl.load(p_dm + o_k[:, None] * 2 * K + K + o_k[None, :])
-            b_off = tl.load(p_dm + o_k[:, None] * 2 * K + o_c[None, :])
-        b_s = tl.dot(b_m, b_s, input_precision="ieee") + b_off
-    tl.store(state_ptr(s_last, i_nh, i_v, K, K, BV), b_s)
-
-
-def scan_segments(dm: Tensor, seg: Segments, n_seq: int, s0: Tensor | None, e: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Forward (e None): (start state of every segment, final state of every sequence). Reverse
-    (e = dS at each segment start when its end has none): (dS at every segment end, dS at every
-    sequence start). s0: initial state, or the final state's cotangent, [n_seq, H, K, K]; None = 0."""
-    _, H, K, _ = dm.shape
-    BV = block_v(K)
-    out = dm.new_empty(seg.n, H, K, K)
-    s_last = dm.new_empty(n_seq, H, K, K)
-    segment_scan_kernel[(K // BV, n_seq * H)](dm, e, s0, out, s_last, seg.first, H=H, K=K, BV=BV,
-                                              REVERSE=e is not None, USE_S0=s0 is not None)
-    return out, s_last

@@ -125,7 +125,7 @@ def test_segments_equal_one_walk(name, packed, monkeypatch):
     """Sequences cut into segments (run in parallel, joined by the scan of their maps) == each
     sequence walked in one program: outputs, final states, every gradient. Segments of 1 and 2
     chunks; packed sequences include an empty one and one shorter than a segment."""
-    import kernels.wkv_triton_common as common
+    import kernels.wkv_triton_walk as walk
 
     op = OPS[name][0]
     B, bounds = (1, [0, 40, 40, 51, 90]) if packed else (2, None)
@@ -136,7 +136,7 @@ def test_segments_equal_one_walk(name, packed, monkeypatch):
     run = lambda: op(*x.values(), initial_state=s0, output_final_state=True, cu_seqlens=cu)  # noqa: E731
     one = outputs_and_grads(run, {**x, "s0": s0})
     for seg_chunks in (1, 2):
-        monkeypatch.setattr(common, "SEGMENT_CHUNKS", seg_chunks)
+        monkeypatch.setattr(walk, "SEGMENT_CHUNKS", seg_chunks)
         assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), one, EXACT)
 
 
@@ -144,14 +144,14 @@ def test_segment_plan_layout(monkeypatch):
     """Segments of SEGMENT_CHUNKS chunks on the flattened token axis; each sequence's first segment
     and each segment's first chunk; an empty packed sequence keeps one empty segment. Without a fixed
     length, CPU tensors are never cut (the choice depends on the GPU's SM count)."""
-    import kernels.wkv_triton_common as common
+    import kernels.wkv_triton_walk as walk
 
-    assert common.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu")) is None
-    monkeypatch.setattr(common, "SEGMENT_CHUNKS", 2)
-    seg = common.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu"))
+    assert walk.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu")) is None
+    monkeypatch.setattr(walk, "SEGMENT_CHUNKS", 2)
+    seg = walk.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu"))
     assert seg.cu.tolist() == [0, 32, 64, 70, 102, 134, 140] and seg.first.tolist() == [0, 3, 6]
     assert seg.chunk_offsets.tolist() == [0, 2, 4, 5, 7, 9, 10] and seg.n == 6
-    seg = common.plan_segments(40, 3, torch.tensor([0, 5, 5, 40]), 2, 1, 16, torch.device("cpu"))
+    seg = walk.plan_segments(40, 3, torch.tensor([0, 5, 5, 40]), 2, 1, 16, torch.device("cpu"))
     assert seg.cu.tolist() == [0, 5, 5, 37, 40] and seg.first.tolist() == [0, 1, 2, 4]
 
 
@@ -195,9 +195,9 @@ def test_bad_inputs_raise_value_error():
 def test_full_size_matches_reference_gpu(name, dtype, N, segmented, monkeypatch):
     """T = 1000 (not a multiple of the chunk), several heads and value blocks, on CUDA; each
     sequence walked by one program, or cut into segments (as few programs make it by default)."""
-    import kernels.wkv_triton_common as common
+    import kernels.wkv_triton_walk as walk
 
-    monkeypatch.setattr(common, "SEGMENT_BELOW", 1e9 if segmented else 0)
+    monkeypatch.setattr(walk, "SEGMENT_BELOW", 1e9 if segmented else 0)
     compare_with_reference(name, 2, 1000, 256 // N, N, dtype=dtype, scale=N ** -0.5)
 
 
