@@ -89,7 +89,9 @@ def segment_scan_kernel(dm, e, s0, out, s_last, seg_first, H: tl.constexpr, K: t
         else:
             b_m = tl.load(p_dm + o_k[:, None] * 2 * K + K + o_k[None, :])
             b_off = tl.load(p_dm + o_k[:, None] * 2 * K + o_c[None, :])
-        b_s = tl.dot(b_m, b_s, input_precision="ieee") + b_off
+        # tf32x3 (three tensor-core products) keeps ~fp32 accuracy; an IEEE fp32 dot of this size
+        # compiled to 32 registers and a 7 KB spill stack (benchmarks/wkv_resources.py, kernels/NOTES.md)
+        b_s = tl.dot(b_m, b_s, input_precision="tf32x3") + b_off
     tl.store(state_ptr(s_last, i_nh, i_v, K, K, BV), b_s)
 
 
