@@ -35,6 +35,8 @@ VARIANTS = {
     "bwd_w4": dict(BWD_WARPS=4),
     "noseg": dict(SEGMENT_BELOW=0),
     "seg1": dict(SEGMENT_BELOW=1),
+    "seg2x": dict(SEGMENT_PROGRAMS_PER_SM=2),  # v3's cut: ~2 x SMs programs
+    "seg4x": dict(SEGMENT_PROGRAMS_PER_SM=4),
 }
 
 

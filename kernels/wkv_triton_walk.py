@@ -21,6 +21,10 @@ from torch import Tensor
 from kernels.wkv_triton_common import block_v, chunk_layout, state_ptr
 
 SEGMENT_BELOW = 0.5  # segment when the (sequence, head, value block) programs are fewer than this x SMs
+# Cut into about this many x SMs programs: a backward program holds a whole SM (kernels/NOTES.md),
+# so with ~8 waves at most an eighth of the time is lost to a part-filled last wave.
+SEGMENT_PROGRAMS_PER_SM = 8
+MIN_SEGMENT_CHUNKS = 8  # shorter segments add scan steps and launches for little parallelism
 SEGMENT_CHUNKS: int | None = None  # fixed segment length in chunks (tests); None: chosen per call
 
 
@@ -34,18 +38,24 @@ class Segments:
     n: int
 
 
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None elsewhere (the interpreter: never cut)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int, BT: int,
                   device: torch.device) -> Segments | None:
     """Segments when the (sequence, head, value block) programs cannot fill the device, else None."""
     programs = n_seq * H * NV
+    sms = sm_count(device)
     if SEGMENT_CHUNKS is not None:
         seg_chunks = SEGMENT_CHUNKS
-    elif device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    elif sms is not None:
         if programs >= SEGMENT_BELOW * sms:
             return None
-        pieces = math.ceil(2 * sms / programs)  # segmenting doubles the programs of the first pass
-        seg_chunks = max(8, math.ceil(math.ceil(T / BT) / pieces))
+        pieces = max(1, SEGMENT_PROGRAMS_PER_SM * sms // programs)
+        chunks_per_seq = math.ceil(T / BT / (1 if cu_seqlens is None else n_seq))
+        seg_chunks = max(MIN_SEGMENT_CHUNKS, math.ceil(chunks_per_seq / pieces))
     else:
         return None
     bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()

@@ -155,6 +155,20 @@ def test_segment_plan_layout(monkeypatch):
     assert seg.cu.tolist() == [0, 5, 5, 37, 40] and seg.first.tolist() == [0, 1, 2, 4]
 
 
+def test_segment_plan_fills_the_gpu(monkeypatch):
+    """On a 132-SM GPU: 8 x 16 (sequence, head) programs fill it (no cut); 2 x 16 over 16k tokens are
+    cut into at most 8 x 132 programs (32 segments of 32 chunks per sequence); segments keep >= 8 chunks."""
+    import kernels.wkv_triton_walk as walk
+
+    monkeypatch.setattr(walk, "sm_count", lambda device: 132)
+    cpu = torch.device("cpu")
+    assert walk.plan_segments(4096, 8, None, 16, 1, 16, cpu) is None
+    seg = walk.plan_segments(16384, 2, None, 16, 1, 16, cpu)
+    assert seg.n == 2 * 32 and seg.n * 16 <= 8 * 132 and (seg.cu[1] - seg.cu[0]).item() == 32 * 16
+    seg = walk.plan_segments(300, 1, None, 16, 1, 16, cpu)
+    assert (seg.cu[1] - seg.cu[0]).item() == 8 * 16 and seg.n == 3
+
+
 STEPS = {"wkv7": wkv7_step_triton, "wkv6": wkv6_step_triton}
 
 
