@@ -80,9 +80,7 @@ def wkv6_bwd_kernel(
     m_d = o_t[:, None] == o_t[None, :]
     b_u = tl.load(u + i_h * K + tl.arange(0, K)).to(tl.float32)  # [K]
     b_du = tl.zeros([K], dtype=tl.float32)
-    b_ds = tl.zeros([K, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_ds = tl.load(state_ptr(dht, i_nh, i_v, K, V, BV)).to(tl.float32)
+    b_ds, _ = walk_start(dht, i_nh, i_v, K, V, BV, USE_DHT, False)  # dS at the end: dht or zeros
     NT = tl.cdiv(eos - bos, BT)
     for j in range(NT):
         i_t = NT - 1 - j

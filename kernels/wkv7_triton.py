@@ -100,9 +100,7 @@ def wkv7_bwd_kernel(
     o_t = tl.arange(0, BT)
     m_s = o_t[:, None] > o_t[None, :]
     m_i = o_t[:, None] >= o_t[None, :]
-    b_ds = tl.zeros([K, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_ds = tl.load(state_ptr(dht, i_nh, i_v, K, V, BV)).to(tl.float32)
+    b_ds, _ = walk_start(dht, i_nh, i_v, K, V, BV, USE_DHT, False)  # dS at the end: dht or zeros
     NT = tl.cdiv(eos - bos, BT)
     for j in range(NT):
         i_t = NT - 1 - j

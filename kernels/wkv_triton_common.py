@@ -113,9 +113,9 @@ def state_ptr(s, i_s, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
 @triton.jit
 def walk_start(h0, i_nh, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, USE_H0: tl.constexpr,
                TRANSITION: tl.constexpr):
-    """The state [K, BV] a forward walk starts from (h0, else zeros) and the factor on v (1). In a
-    transition pass, programs past the V / BV value blocks carry identity columns with v off (0),
-    so their end state is a block of columns of the segment's M."""
+    """The state [K, BV] a walk starts from (h0, else zeros; the backward passes dS_T) and the factor
+    on v (1). In a transition pass, programs past the V / BV value blocks carry identity columns with
+    v off (0), so their end state is a block of columns of the segment's M."""
     b_s = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
         b_s = tl.load(state_ptr(h0, i_nh, i_v, K, V, BV)).to(tl.float32)
