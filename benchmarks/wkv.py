@@ -125,7 +125,8 @@ def resource_report() -> list[dict]:
                     md = ck.metadata
                     flags = {str(k): v for k, v in getattr(getattr(ck, "src", None), "constants", {}).items()
                              if isinstance(v, (bool, str))}
-                    rows.append(dict(kernel=name, n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None),
+                    rows.append(dict(kernel=name, n_regs=getattr(ck, "n_regs", None),
+                                     n_spills=getattr(ck, "n_spills", None),
                                      shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None),
                                      flags=flags))
     return rows
@@ -154,7 +155,8 @@ def jobs(shapes, variants, fla):
         for shape in shapes:
             for name, fn in fla.items():
                 if rwkv in name:
-                    yield name, shape, lambda s=shape, f=fn, n=name: (f, wkv7_inputs(*s) if "rwkv7" in n else wkv6_inputs(*s))
+                    make_inputs = wkv7_inputs if "rwkv7" in name else wkv6_inputs
+                    yield name, shape, lambda s=shape, f=fn, m=make_inputs: (f, m(*s))
 
     yield from anchors("rwkv7")
     for name in variants[1:]:

@@ -55,7 +55,8 @@ def wkv6_fwd_kernel(
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         if not TRANSITION:
             b_bonus = tl.sum(b_r * b_u[None, :] * b_k, axis=1)  # [BT]
-            b_A = intra(b_r * e_ge, b_k * e_ng, m_s, PREC) + tl.where(o_t[:, None] == o_t[None, :], b_bonus[:, None], 0.0)
+            b_A = (intra(b_r * e_ge, b_k * e_ng, m_s, PREC)
+                   + tl.where(o_t[:, None] == o_t[None, :], b_bonus[:, None], 0.0))
             b_o = tl.dot(b_r * e_Ge, b_s, input_precision=PREC) + tl.dot(b_A, b_v, input_precision=PREC)  # [BT, BV]
             store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
         b_s = e_gl[:, None] * b_s + tl.dot(tl.trans(b_k * e_h), b_v, input_precision=PREC)  # [K, BV]

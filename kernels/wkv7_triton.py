@@ -34,9 +34,12 @@ LOG2_BT = 4
 @triton.jit
 def _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
     """The K-side operands of chunk i_t, fp32 [BT, K]: scale r, w, k, a, b."""
-    return (load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale, load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K),
-            load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K), load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K),
-            load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K))
+    b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale
+    b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
+    b_k = load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K)
+    b_a = load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K)
+    b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
+    return b_r, b_w, b_k, b_a, b_b
 
 
 @triton.jit

@@ -58,9 +58,12 @@ def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int
         seg_chunks = max(MIN_SEGMENT_CHUNKS, math.ceil(chunks_per_seq / pieces))
     else:
         return None
-    bounds = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
-    starts = [i * T for i in range(n_seq)] if cu_seqlens is None else bounds[:-1]
-    ends = [s + T for s in starts] if cu_seqlens is None else bounds[1:]
+    if cu_seqlens is None:
+        starts = [i * T for i in range(n_seq)]
+        ends = [start + T for start in starts]
+    else:
+        bounds = cu_seqlens.tolist()
+        starts, ends = bounds[:-1], bounds[1:]
     cu, first = [], [0]
     for bos, eos in zip(starts, ends):
         cu += list(range(bos, max(eos, bos + 1), seg_chunks * BT))  # an empty sequence keeps one segment
@@ -105,7 +108,8 @@ def segment_scan_kernel(dm, e, s0, out, s_last, seg_first, H: tl.constexpr, K: t
     tl.store(state_ptr(s_last, i_nh, i_v, K, K, BV), b_s)
 
 
-def scan_segments(dm: Tensor, seg: Segments, n_seq: int, s0: Tensor | None, e: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def scan_segments(dm: Tensor, seg: Segments, n_seq: int, s0: Tensor | None,
+                  e: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Forward (e None): (start state of every segment, final state of every sequence). Reverse
     (e = dS at each segment start when its end has none): (dS at every segment end, dS at every
     sequence start). s0: initial state, or the final state's cotangent, [n_seq, H, K, K]; None = 0."""
@@ -137,8 +141,8 @@ BackwardLaunch = Callable[..., None]
 
 def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None, output_final_state: bool,
                  cu_seqlens: Tensor | None, save: bool, BT: int) -> tuple[Tensor, Tensor | None, Saved]:
-    """Run the op's forward over whole sequences, or over segments joined by a scan. x: any [B, T, H, N]
-    input (shapes, device). Returns o, the final state (if asked) and what the backward needs."""
+    """Run the op's forward over whole sequences, or over segments joined by a scan. x: the op's v
+    (o takes its shape and dtype). Returns o, the final state (if asked) and what the backward needs."""
     B, T, H, N = x.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     NV = N // block_v(N)
