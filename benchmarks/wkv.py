@@ -123,7 +123,9 @@ def resource_report() -> list[dict]:
             for cache in getattr(getattr(mod, name), "device_caches", {}).values():
                 for ck in (cache[0] if isinstance(cache, tuple) else cache).values():
                     md = ck.metadata
-                    flags = {str(k): v for k, v in getattr(getattr(ck, "src", None), "constants", {}).items()
+                    kernel = getattr(mod, name)
+                    flags = {kernel.arg_names[k[0]] if isinstance(k, tuple) else str(k): v  # e.g. TRANSITION
+                             for k, v in getattr(getattr(ck, "src", None), "constants", {}).items()
                              if isinstance(v, (bool, str))}
                     rows.append(dict(kernel=name, n_regs=getattr(ck, "n_regs", None),
                                      n_spills=getattr(ck, "n_spills", None),

@@ -182,7 +182,8 @@ def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):
     do = do.contiguous()
     dr, dk, dw = (partial_grad(x, NV) for x in (r, k, w))
     dv = torch.empty_like(v)
-    rows = saved.seg.n if saved.seg is not None else B if cu_seqlens is None else cu_seqlens.numel() - 1
+    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    rows = n_seq if saved.seg is None else saved.seg.n  # what the backward kernel walks: sequences or segments
     du = r.new_empty(NV, rows, H, N, dtype=torch.float32)  # partial bonus gradients per walked row
     shape = dict(H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(r.dtype))
 

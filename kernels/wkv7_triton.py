@@ -173,7 +173,10 @@ def wkv7_bwd_state_kernel(
     NT = tl.cdiv(eos - bos, BT)
     for j in range(NT):
         i_t = NT - 1 - j
-        b_r, b_w, _, b_a, b_b = _load_rwkab(r, w, r, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # no k needed
+        b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]; k is not needed here
+        b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
+        b_a = load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K)
+        b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
         b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_bt = b_b * e_ng
