@@ -37,6 +37,13 @@ VARIANTS = {
     "seg1": dict(SEGMENT_BELOW=1),
     "seg2x": dict(SEGMENT_PROGRAMS_PER_SM=2),  # v3's cut: ~2 x SMs programs
     "seg4x": dict(SEGMENT_PROGRAMS_PER_SM=4),
+    # register caps: 128 lets two 8-warp backward programs share an SM, 168 three 4-warp forwards
+    "bwd_r128": dict(BWD_MAXNREG=128),
+    "fwd_r168": dict(FWD_MAXNREG=168),
+    # backward-only segments below 4 x SMs programs (v3.4), alone and with more backward programs per SM
+    "bseg": dict(BWD_SEGMENT_BELOW=4),
+    "bseg_r128": dict(BWD_SEGMENT_BELOW=4, BWD_MAXNREG=128),
+    "bseg_w4": dict(BWD_SEGMENT_BELOW=4, BWD_WARPS=4),
 }
 
 
