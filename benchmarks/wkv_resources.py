@@ -31,7 +31,7 @@ HALF, F32, I32 = "*bf16", "*fp32", "*i32"
 
 def resource_line(fn, pointers: dict[str, str], constexprs: dict, num_warps: int) -> str:
     """cuobjdump's REG/STACK/SHARED line for fn compiled with these argument types and constants."""
-    scalars = {"scale": "fp32", "T": "i32", "NTOK": "i32", "seg_chunks": "i32"}
+    scalars = {"scale": "fp32", "T": "i32", "NTOK": "i32"}
     signature = {name: pointers.get(name, scalars.get(name, "constexpr")) for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -47,7 +47,7 @@ def pointer_types(fn, half: set[str]) -> dict[str, str]:
     """bf16 for the inputs/outputs named in half, int32 for the layouts, fp32 for states and gradients."""
     ints = {"cu_seqlens", "chunk_offsets", "seg_first"}
     return {name: HALF if name in half else I32 if name in ints else F32
-            for name in fn.arg_names if name not in ("scale", "T", "NTOK", "seg_chunks") and name[0].islower()}
+            for name in fn.arg_names if name not in ("scale", "T", "NTOK") and name[0].islower()}
 
 
 def main() -> None:
@@ -59,7 +59,6 @@ def main() -> None:
     half7 = {"r", "w", "k", "v", "a", "b", "o", "do", "dv"}
     half6 = {"r", "k", "v", "w", "u", "o", "do", "dv"}
     fwd_flags = dict(USE_H0=False, STORE_HT=False, IS_VARLEN=False)
-    dS_walk = dict(USE_DHT=False, STORE_ENDS=True, STORE_DS0=False, IS_VARLEN=False)
     runs = [
         ("wkv7 fwd (inference)", wkv7.wkv7_fwd_kernel, half7,
          dict(shape, LOG2_BT=4, **fwd_flags, STORE_HS=False, TRANSITION=False), wkv7.FWD_WARPS),
@@ -69,17 +68,15 @@ def main() -> None:
          dict(shape, LOG2_BT=4, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.FWD_WARPS),
         ("wkv7 bwd", wkv7.wkv7_bwd_kernel, half7,
          dict(shape, LOG2_BT=4, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv7.BWD_WARPS),
-        ("wkv7 dS walk (segment ends)", wkv7.wkv7_bwd_state_kernel, half7,
-         dict(shape, LOG2_BT=4, **dS_walk), wkv7.FWD_WARPS),
+        ("wkv7 bwd_state", wkv7.wkv7_bwd_state_kernel, half7, dict(shape, LOG2_BT=4), wkv7.FWD_WARPS),
         ("wkv6 fwd (training)", wkv6.wkv6_fwd_kernel, half6,
          dict(shape, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv6.FWD_WARPS),
         ("wkv6 bwd", wkv6.wkv6_bwd_kernel, half6,
          dict(shape, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv6.BWD_WARPS),
-        ("wkv6 dS walk (segment ends)", wkv6.wkv6_bwd_state_kernel, half6, dict(shape, **dS_walk), wkv6.FWD_WARPS),
     ]
     print(f"sm_90, triton {triton.__version__}, N = {N}, value block {BV}")
     for name, fn, half, constexprs, warps in runs:
-        print(f"{name:28s} {warps} warps  {resource_line(fn, pointer_types(fn, half), constexprs, warps)}")
+        print(f"{name:26s} {warps} warps  {resource_line(fn, pointer_types(fn, half), constexprs, warps)}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ from torch import Tensor
 
 from kernels.wkv_triton_common import (
     block_v, check_inputs, chunk_decays, dot_precision, intra, load_chunk, partial_grad, reduce_parts,
-    reverse_cumsum, seq_bounds, state_ptr, store_chunk, store_segment_end, walk_end, walk_start,
+    reverse_cumsum, seq_bounds, state_ptr, store_chunk, walk_end, walk_start,
 )
 from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
-FWD_MAXNREG = BWD_MAXNREG = None  # registers per thread; a cap lets more programs share an SM
 
 
 @triton.jit
@@ -125,28 +124,23 @@ def wkv6_bwd_kernel(
 
 @triton.jit
 def wkv6_bwd_state_kernel(
-    r, w, do, dht, ds_ends, ds0, cu_seqlens, chunk_offsets, seg_first, seg_chunks, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, USE_DHT: tl.constexpr,
-    STORE_ENDS: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    r, w, do, ds0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The backward's dS walk alone, dS <- Q0^T dO + e^{g_BT} dS, from dht (or zero) at the end to ds0
-    at the start; STORE_ENDS as in wkv7_bwd_state_kernel."""
+    """dS at the start of each segment when its end has none: dS <- Q0^T dO + e^{g_BT} dS."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-    b_ds, _ = walk_start(dht, i_nh, i_v, K, V, BV, USE_DHT, False)
+    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, True)
+    b_ds = tl.zeros([K, BV], dtype=tl.float32)
     NT = tl.cdiv(eos - bos, BT)
     for j in range(NT):
         i_t = NT - 1 - j
-        if STORE_ENDS:
-            store_segment_end(ds_ends, b_ds, seg_first, seg_chunks, i_n, i_h, i_t, j, i_v, H, K, V, BV)
         b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]
         b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
         b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_ds = tl.dot(tl.trans(b_r * e_Ge), b_do, input_precision=PREC) + e_gl[:, None] * b_ds
-    if STORE_DS0:
-        tl.store(state_ptr(ds0, i_nh, i_v, K, V, BV), b_ds)
+    tl.store(state_ptr(ds0, i_nh, i_v, K, V, BV), b_ds)
 
 
 @triton.jit
@@ -176,7 +170,7 @@ def _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, sa
             r, k, v, w, u, o, h0, ht, hs, cu, chunk_offsets, scale, r.shape[1],
             H=r.shape[2], K=N, V=N, BT=BT, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
             STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
-            num_warps=FWD_WARPS, maxnreg=FWD_MAXNREG,
+            num_warps=FWD_WARPS,
         )
 
     return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
@@ -188,26 +182,24 @@ def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):
     do = do.contiguous()
     dr, dk, dw = (partial_grad(x, NV) for x in (r, k, w))
     dv = torch.empty_like(v)
-    du = []  # partial bonus gradients [NV, rows, H, N] per walked row (sequence or segment)
+    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    rows = n_seq if saved.seg is None else saved.seg.n  # what the backward kernel walks: sequences or segments
+    du = r.new_empty(NV, rows, H, N, dtype=torch.float32)  # partial bonus gradients per walked row
     shape = dict(H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(r.dtype))
 
     def launch(dht, dh0, cu, chunk_offsets, grid):
-        du.append(r.new_empty(NV, grid[1] // H, H, N, dtype=torch.float32))
         wkv6_bwd_kernel[grid](
-            r, k, v, w, u, do, dht, saved.hs, dr, dk, dv, dw, du[0], dh0, cu, chunk_offsets, scale, T, B * T,
+            r, k, v, w, u, do, dht, saved.hs, dr, dk, dv, dw, du, dh0, cu, chunk_offsets, scale, T, B * T,
             USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=cu is not None, num_warps=BWD_WARPS,
-            maxnreg=BWD_MAXNREG, **shape,
+            **shape,
         )
 
-    def state_walk(dht, ds_ends, ds0, cu, chunk_offsets, seg_first, seg_chunks, grid):
-        wkv6_bwd_state_kernel[grid](r, w, do, dht, ds_ends, ds0, cu, chunk_offsets, seg_first, seg_chunks, scale, T,
-                                    USE_DHT=dht is not None, STORE_ENDS=ds_ends is not None,
-                                    STORE_DS0=ds0 is not None, IS_VARLEN=cu is not None, num_warps=FWD_WARPS,
-                                    **shape)
+    def state_walk(ds_start, cu, chunk_offsets, grid):
+        wkv6_bwd_state_kernel[grid](r, w, do, ds_start, cu, chunk_offsets, scale, T, num_warps=FWD_WARPS, **shape)
 
-    dh0 = walk_backward(launch, state_walk, r, dht, saved, cu_seqlens, want_dh0, BT)
+    dh0 = walk_backward(launch, state_walk, r, dht, saved, cu_seqlens, want_dh0)
     dr, dk, dw = (reduce_parts(p, x.dtype) for p, x in zip((dr, dk, dw), (r, k, w)))
-    return dr, dk, dv, dw, du[0].sum((0, 1)).to(u.dtype), dh0
+    return dr, dk, dv, dw, du.sum((0, 1)).to(u.dtype), dh0
 
 
 class _WKV6(torch.autograd.Function):

@@ -22,13 +22,12 @@ from torch import Tensor
 
 from kernels.wkv_triton_common import (
     block_v, check_inputs, chunk_decays, dot_precision, intra, load_chunk, partial_grad, reduce_parts,
-    reverse_cumsum, seq_bounds, state_ptr, store_chunk, store_segment_end, unit_tril_inverse, walk_end, walk_start,
+    reverse_cumsum, seq_bounds, state_ptr, store_chunk, unit_tril_inverse, walk_end, walk_start,
 )
 from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
-FWD_MAXNREG = BWD_MAXNREG = None  # registers per thread; a cap lets more programs share an SM
 LOG2_BT = 4
 
 
@@ -158,27 +157,22 @@ def wkv7_bwd_kernel(
 
 @triton.jit
 def wkv7_bwd_state_kernel(
-    r, w, a, b, do, dht, ds_ends, ds0, cu_seqlens, chunk_offsets, seg_first, seg_chunks, scale, T,
+    r, w, a, b, do, ds0, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_ENDS: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """The backward's dS walk alone, from dht (or zero) at the end to ds0 at the start:
-    dU = A_rb^T dO + Bh dS, dX = (I - A_ab)^{-T} dU, dS <- A0^T dX + R0^T dO + e^{g_BT} dS.
-    STORE_ENDS keeps dS at the end of each segment of seg_chunks chunks (segment j of sequence n is
-    number seg_first[n] + j), so that the segments' backward can run in parallel."""
+    """dS at the start of each segment when its end has none (the backward's state walk alone):
+    dU = A_rb^T dO + Bh dS, dX = (I - A_ab)^{-T} dU, dS <- A0^T dX + R0^T dO + e^{g_BT} dS."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, True)
     o_t = tl.arange(0, BT)
     m_s = o_t[:, None] > o_t[None, :]
     m_i = o_t[:, None] >= o_t[None, :]
-    b_ds, _ = walk_start(dht, i_nh, i_v, K, V, BV, USE_DHT, False)
+    b_ds = tl.zeros([K, BV], dtype=tl.float32)
     NT = tl.cdiv(eos - bos, BT)
     for j in range(NT):
         i_t = NT - 1 - j
-        if STORE_ENDS:
-            store_segment_end(ds_ends, b_ds, seg_first, seg_chunks, i_n, i_h, i_t, j, i_v, H, K, V, BV)
         b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]; k is not needed here
         b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
         b_a = load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K)
@@ -192,8 +186,7 @@ def wkv7_bwd_state_kernel(
         b_dx = tl.dot(tl.trans(b_Ti), b_du, input_precision=PREC)
         b_ds = (tl.dot(tl.trans(b_a * e_Ge), b_dx, input_precision=PREC)
                 + tl.dot(tl.trans(b_r * e_G), b_do, input_precision=PREC) + e_gl[:, None] * b_ds)
-    if STORE_DS0:
-        tl.store(state_ptr(ds0, i_nh, i_v, K, V, BV), b_ds)
+    tl.store(state_ptr(ds0, i_nh, i_v, K, V, BV), b_ds)
 
 
 @triton.jit
@@ -223,7 +216,7 @@ def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
             r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, r.shape[1],
             H=r.shape[2], K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=block_v(N), USE_H0=h0 is not None,
             STORE_HT=ht is not None, STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None,
-            PREC=dot_precision(r.dtype), num_warps=FWD_WARPS, maxnreg=FWD_MAXNREG,
+            PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
         )
 
     return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
@@ -240,15 +233,14 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
         wkv7_bwd_kernel[grid](
             r, w, k, v, a, b, do, dht, saved.hs, dr, dw, dk, dv, da, db, dh0, cu, chunk_offsets, scale, T, B * T,
             USE_DHT=dht is not None, STORE_DH0=dh0 is not None, IS_VARLEN=cu is not None, num_warps=BWD_WARPS,
-            maxnreg=BWD_MAXNREG, **shape,
+            **shape,
         )
 
-    def state_walk(dht, ds_ends, ds0, cu, chunk_offsets, seg_first, seg_chunks, grid):
-        wkv7_bwd_state_kernel[grid](r, w, a, b, do, dht, ds_ends, ds0, cu, chunk_offsets, seg_first, seg_chunks,
-                                    scale, T, USE_DHT=dht is not None, STORE_ENDS=ds_ends is not None,
-                                    STORE_DS0=ds0 is not None, IS_VARLEN=cu is not None, num_warps=FWD_WARPS, **shape)
+    def state_walk(ds_start, cu, chunk_offsets, grid):
+        wkv7_bwd_state_kernel[grid](r, w, a, b, do, ds_start, cu, chunk_offsets, scale, T, num_warps=FWD_WARPS,
+                                    **shape)
 
-    dh0 = walk_backward(launch, state_walk, r, dht, saved, cu_seqlens, want_dh0, BT)
+    dh0 = walk_backward(launch, state_walk, r, dht, saved, cu_seqlens, want_dh0)
     dr, dw, dk, da, db = (reduce_parts(p, x.dtype) for p, x in zip((dr, dw, dk, da, db), (r, w, k, a, b)))
     return dr, dw, dk, dv, da, db, dh0
 

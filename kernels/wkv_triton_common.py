@@ -138,16 +138,6 @@ def walk_end(ht, b_s, i_nh, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.conste
 
 
 @triton.jit
-def store_segment_end(ds_ends, b_ds, seg_first, seg_chunks, i_n, i_h, i_t, j, i_v, H: tl.constexpr,
-                      K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
-    """In a reverse walk at chunk i_t (j-th from the end) holding dS at the chunk's end: store it if the
-    chunk ends a segment of seg_chunks chunks (segment number seg_first[i_n] + i_t // seg_chunks)."""
-    if ((i_t + 1) % seg_chunks == 0) | (j == 0):
-        i_seg = tl.load(seg_first + i_n).to(tl.int64) + i_t // seg_chunks
-        tl.store(state_ptr(ds_ends, i_seg * H + i_h, i_v, K, V, BV), b_ds)
-
-
-@triton.jit
 def chunk_decays(b_w):
     """Decay factors of one chunk from its log decays b_w [BT, K] (padded rows have w = 0).
 

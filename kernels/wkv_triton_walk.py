@@ -21,15 +21,11 @@ from torch import Tensor
 from kernels.wkv_triton_common import block_v, chunk_layout, state_ptr
 
 SEGMENT_BELOW = 0.5  # segment when the (sequence, head, value block) programs are fewer than this x SMs
-# The backward alone may cut unsegmented sequences too: one light dS walk per sequence leaves dS at every
-# segment end, then the segments' backward runs in parallel (kernels/NOTES.md, v3.4). 0: never.
-BWD_SEGMENT_BELOW = 0.0
 # Cut into about this many x SMs programs: a backward program holds a whole SM (kernels/NOTES.md),
 # so with ~8 waves at most an eighth of the time is lost to a part-filled last wave.
 SEGMENT_PROGRAMS_PER_SM = 8
 MIN_SEGMENT_CHUNKS = 8  # shorter segments add scan steps and launches for little parallelism
 SEGMENT_CHUNKS: int | None = None  # fixed segment length in chunks (tests); None: chosen per call
-BWD_SEGMENT_CHUNKS: int | None = None  # the same for the backward-only segments
 
 
 @dataclass
@@ -40,7 +36,6 @@ class Segments:
     first: Tensor  # [n_seq + 1] int32 index of each sequence's first segment
     chunk_offsets: Tensor  # [n + 1] int32 index of each segment's first chunk
     n: int
-    chunks: int  # segment length in chunks: each sequence is cut every `chunks` chunks from its start
 
 
 def sm_count(device: torch.device) -> int | None:
@@ -48,16 +43,15 @@ def sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
-def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int, BT: int, device: torch.device,
-                  below: float, fixed: int | None) -> Segments | None:
-    """Segments when the (sequence, head, value block) programs are fewer than `below` x SMs, else None;
-    `fixed`: cut every `fixed` chunks regardless (tests)."""
+def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int, BT: int,
+                  device: torch.device) -> Segments | None:
+    """Segments when the (sequence, head, value block) programs cannot fill the device, else None."""
     programs = n_seq * H * NV
     sms = sm_count(device)
-    if fixed is not None:
-        seg_chunks = fixed
+    if SEGMENT_CHUNKS is not None:
+        seg_chunks = SEGMENT_CHUNKS
     elif sms is not None:
-        if programs >= below * sms:
+        if programs >= SEGMENT_BELOW * sms:
             return None
         pieces = max(1, SEGMENT_PROGRAMS_PER_SM * sms // programs)
         chunks_per_seq = math.ceil(T / BT / (1 if cu_seqlens is None else n_seq))
@@ -77,8 +71,7 @@ def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int
     cu.append(ends[-1])
     cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
     chunk_offsets, _ = chunk_layout(cu[-1], len(cu) - 1, cu_t, BT)
-    return Segments(cu_t, torch.tensor(first, dtype=torch.int32, device=device), chunk_offsets, len(cu) - 1,
-                    seg_chunks)
+    return Segments(cu_t, torch.tensor(first, dtype=torch.int32, device=device), chunk_offsets, len(cu) - 1)
 
 
 @triton.jit
@@ -142,8 +135,7 @@ class Saved(NamedTuple):
 # transition asks for the segment maps [D | M] in ht instead of outputs
 ForwardLaunch = Callable[..., None]
 # launch(dht, dh0, cu_seqlens, chunk_offsets, grid): the op's backward kernel (stores dh0 if given);
-# state_walk(dht, ds_ends, ds0, cu_seqlens, chunk_offsets, seg_first, seg_chunks, grid): its dS walk alone,
-# from dht (None: zero) to ds0 at the start, keeping dS at every segment end in ds_ends if given
+# state_walk(ds_start, cu_seqlens, chunk_offsets, grid): its dS-only walk from dS_end = 0
 BackwardLaunch = Callable[..., None]
 
 
@@ -154,7 +146,7 @@ def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None,
     B, T, H, N = x.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     NV = N // block_v(N)
-    seg = plan_segments(T, n_seq, cu_seqlens, H, NV, BT, x.device, SEGMENT_BELOW, SEGMENT_CHUNKS)
+    seg = plan_segments(T, n_seq, cu_seqlens, H, NV, BT, x.device)
     dm = ht = None
     if seg is not None:  # every segment's map S_end = M S_start + D, then the start states by a scan
         dm = x.new_empty(seg.n, H, N, 2 * N, dtype=torch.float32)
@@ -171,27 +163,19 @@ def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None,
 
 
 def walk_backward(launch: BackwardLaunch, state_walk: BackwardLaunch, x: Tensor, dht: Tensor | None, saved: Saved,
-                  cu_seqlens: Tensor | None, want_dh0: bool, BT: int) -> Tensor | None:
-    """Run the op's backward over whole sequences, or over segments from the cotangents at their ends.
-    Those come from a reverse scan when the forward was segmented (each segment's own dS walk gives the
-    scan's offsets), else from one dS walk per sequence. Returns the initial state's gradient if wanted."""
-    B, T, H, N = x.shape
+                  cu_seqlens: Tensor | None, want_dh0: bool) -> Tensor | None:
+    """Run the op's backward over whole sequences, or over segments from their end cotangents (each
+    segment's own dS walk, then a reverse scan). Returns the initial state's gradient if wanted."""
+    B, _, H, N = x.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     NV = N // block_v(N)
-    state = dict(dtype=torch.float32, device=x.device)
     seg = saved.seg
-    if seg is not None:
-        ds_start = torch.empty(seg.n, H, N, N, **state)
-        state_walk(None, None, ds_start, seg.cu, seg.chunk_offsets, seg.first, seg.chunks, (NV, seg.n * H))
-        ds_end, dh0 = scan_segments(saved.dm, seg, n_seq, dht, ds_start)
-        dh0 = dh0 if want_dh0 else None
-    else:
-        dh0 = torch.empty(n_seq, H, N, N, **state) if want_dh0 else None
-        seg = plan_segments(T, n_seq, cu_seqlens, H, NV, BT, x.device, BWD_SEGMENT_BELOW, BWD_SEGMENT_CHUNKS)
-        if seg is None:
-            launch(dht, dh0, cu_seqlens, saved.chunk_offsets, (NV, n_seq * H))
-            return dh0
-        ds_end = torch.empty(seg.n, H, N, N, **state)
-        state_walk(dht, ds_end, dh0, cu_seqlens, saved.chunk_offsets, seg.first, seg.chunks, (NV, n_seq * H))
-    launch(ds_end, None, seg.cu, seg.chunk_offsets, (NV, seg.n * H))
-    return dh0
+    if seg is None:
+        dh0 = x.new_empty(n_seq, H, N, N, dtype=torch.float32) if want_dh0 else None
+        launch(dht, dh0, cu_seqlens, saved.chunk_offsets, (NV, n_seq * H))
+        return dh0
+    ds_start = x.new_empty(seg.n, H, N, N, dtype=torch.float32)
+    state_walk(ds_start, seg.cu, seg.chunk_offsets, (NV, seg.n * H))
+    ds_end, dh0 = scan_segments(saved.dm, seg, n_seq, dht, ds_start)
+    launch(ds_end, None, seg.cu, saved.chunk_offsets, (NV, seg.n * H))
+    return dh0 if want_dh0 else None

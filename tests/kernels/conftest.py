@@ -78,17 +78,13 @@ def cotangent(shape: torch.Size, dtype: torch.dtype, seed: int) -> Tensor:
 def outputs_and_grads(forward: Callable[[], tuple[Tensor, Tensor]], wrt: dict[str, Tensor],
                       *, seed: int = 7) -> dict[str, Tensor]:
     """o, s_T = forward() and the gradient of <o, g_o> + <s_T, g_s> (fixed random g) for every
-    leaf in wrt, as {"o", "s_T", "d<name>"} (no s_T term or key when forward returns None for it).
-    Two forwards over the same leaves that compute the same function (e.g. packed vs separate calls)
-    must return the same dict."""
+    leaf in wrt, as {"o", "s_T", "d<name>"}. Two forwards over the same leaves that compute the
+    same function (e.g. packed vs separate calls) must return the same dict."""
     o, s_T = forward()
-    loss = (o * cotangent(o.shape, o.dtype, seed).to(o.device)).sum()
-    finals = {}
-    if s_T is not None:
-        loss = loss + (s_T * cotangent(s_T.shape, s_T.dtype, seed + 1).to(s_T.device)).sum()
-        finals["s_T"] = s_T
+    g_o, g_s = cotangent(o.shape, o.dtype, seed), cotangent(s_T.shape, s_T.dtype, seed + 1)
+    loss = (o * g_o.to(o.device)).sum() + (s_T * g_s.to(s_T.device)).sum()
     grads = torch.autograd.grad(loss, list(wrt.values()))
-    return {"o": o, **finals, **{f"d{n}": g for n, g in zip(wrt, grads)}}
+    return {"o": o, "s_T": s_T, **{f"d{n}": g for n, g in zip(wrt, grads)}}
 
 
 def run_with_grads(op: Callable, inputs: dict[str, Tensor], initial_state: Tensor | None = None,

@@ -140,56 +140,32 @@ def test_segments_equal_one_walk(name, packed, monkeypatch):
         assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), one, EXACT)
 
 
-@pytest.mark.parametrize("name", OPS)
-@pytest.mark.parametrize("packed", [False, True])
-def test_backward_segments_equal_one_walk(name, packed, monkeypatch):
-    """Backward-only segments (one dS walk per sequence leaves dS at each segment end, then the
-    segments' backward runs in parallel) == the backward walked in one program: every gradient,
-    with and without a final-state cotangent. Segments of 1 and 3 chunks."""
-    import kernels.wkv_triton_walk as walk
-
-    op = OPS[name][0]
-    B, bounds = (1, [0, 40, 40, 51, 90]) if packed else (2, None)
-    n_seq = len(bounds) - 1 if packed else B
-    x = leaves(on_device(OPS[name][2](B, 90 if packed else 45, 2, 16), torch.float32))
-    s0 = leaf(random_state(n_seq, 2, 16).to(DEV))
-    cu = None if bounds is None else torch.tensor(bounds, device=DEV)
-    for final_state in (True, False):
-        run = lambda: op(*x.values(), initial_state=s0, output_final_state=final_state, cu_seqlens=cu)  # noqa: E731
-        one = outputs_and_grads(run, {**x, "s0": s0})
-        for seg_chunks in (1, 3):
-            monkeypatch.setattr(walk, "BWD_SEGMENT_CHUNKS", seg_chunks)
-            assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), one, EXACT)
-        monkeypatch.setattr(walk, "BWD_SEGMENT_CHUNKS", None)
-
-
-def test_segment_plan_layout():
-    """Segments of a fixed number of chunks on the flattened token axis; each sequence's first segment
+def test_segment_plan_layout(monkeypatch):
+    """Segments of SEGMENT_CHUNKS chunks on the flattened token axis; each sequence's first segment
     and each segment's first chunk; an empty packed sequence keeps one empty segment. Without a fixed
     length, CPU tensors are never cut (the choice depends on the GPU's SM count)."""
     import kernels.wkv_triton_walk as walk
 
-    cpu = torch.device("cpu")
-    assert walk.plan_segments(70, 2, None, 2, 1, 16, cpu, 1e9, None) is None
-    seg = walk.plan_segments(70, 2, None, 2, 1, 16, cpu, 0, 2)
+    assert walk.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu")) is None
+    monkeypatch.setattr(walk, "SEGMENT_CHUNKS", 2)
+    seg = walk.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu"))
     assert seg.cu.tolist() == [0, 32, 64, 70, 102, 134, 140] and seg.first.tolist() == [0, 3, 6]
-    assert seg.chunk_offsets.tolist() == [0, 2, 4, 5, 7, 9, 10] and seg.n == 6 and seg.chunks == 2
-    seg = walk.plan_segments(40, 3, torch.tensor([0, 5, 5, 40]), 2, 1, 16, cpu, 0, 2)
+    assert seg.chunk_offsets.tolist() == [0, 2, 4, 5, 7, 9, 10] and seg.n == 6
+    seg = walk.plan_segments(40, 3, torch.tensor([0, 5, 5, 40]), 2, 1, 16, torch.device("cpu"))
     assert seg.cu.tolist() == [0, 5, 5, 37, 40] and seg.first.tolist() == [0, 1, 2, 4]
 
 
 def test_segment_plan_fills_the_gpu(monkeypatch):
-    """On a 132-SM GPU, cutting below 0.5 x SMs: 8 x 16 (sequence, head) programs fill it (no cut);
-    2 x 16 over 16k tokens are cut into at most 8 x 132 programs (32 segments of 32 chunks per
-    sequence); segments keep >= 8 chunks."""
+    """On a 132-SM GPU: 8 x 16 (sequence, head) programs fill it (no cut); 2 x 16 over 16k tokens are
+    cut into at most 8 x 132 programs (32 segments of 32 chunks per sequence); segments keep >= 8 chunks."""
     import kernels.wkv_triton_walk as walk
 
     monkeypatch.setattr(walk, "sm_count", lambda device: 132)
     cpu = torch.device("cpu")
-    assert walk.plan_segments(4096, 8, None, 16, 1, 16, cpu, 0.5, None) is None
-    seg = walk.plan_segments(16384, 2, None, 16, 1, 16, cpu, 0.5, None)
+    assert walk.plan_segments(4096, 8, None, 16, 1, 16, cpu) is None
+    seg = walk.plan_segments(16384, 2, None, 16, 1, 16, cpu)
     assert seg.n == 2 * 32 and seg.n * 16 <= 8 * 132 and (seg.cu[1] - seg.cu[0]).item() == 32 * 16
-    seg = walk.plan_segments(300, 1, None, 16, 1, 16, cpu, 0.5, None)
+    seg = walk.plan_segments(300, 1, None, 16, 1, 16, cpu)
     assert (seg.cu[1] - seg.cu[0]).item() == 8 * 16 and seg.n == 3
 
 
@@ -229,15 +205,13 @@ def test_bad_inputs_raise_value_error():
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N", [64, 128])
-@pytest.mark.parametrize("segments", ["none", "both", "backward"])
-def test_full_size_matches_reference_gpu(name, dtype, N, segments, monkeypatch):
+@pytest.mark.parametrize("segmented", [False, True])
+def test_full_size_matches_reference_gpu(name, dtype, N, segmented, monkeypatch):
     """T = 1000 (not a multiple of the chunk), several heads and value blocks, on CUDA; each
-    sequence walked by one program, or cut into segments (as few programs make it by default) in
-    both passes or in the backward alone."""
+    sequence walked by one program, or cut into segments (as few programs make it by default)."""
     import kernels.wkv_triton_walk as walk
 
-    monkeypatch.setattr(walk, "SEGMENT_BELOW", 1e9 if segments == "both" else 0)
-    monkeypatch.setattr(walk, "BWD_SEGMENT_BELOW", 1e9 if segments == "backward" else 0)
+    monkeypatch.setattr(walk, "SEGMENT_BELOW", 1e9 if segmented else 0)
     compare_with_reference(name, 2, 1000, 256 // N, N, dtype=dtype, scale=N ** -0.5)
 
 
