@@ -3,7 +3,7 @@
 Complements benchmarks/wkv.py (end-to-end medians): it names the pass that a tuning variant changed
 (forward walk, dS walk, backward walk, segment scans, the gradient casts...). Same inputs and variants:
 
-    python benchmarks/wkv_profile.py [--variants default,bseg] [--shapes 8x4096x16x64] [--ops ours7,fla_rwkv7_lb]
+    python benchmarks/wkv_profile.py [--variants default,fwd_w8] [--shapes 8x4096x16x64] [--ops ours7,fla_rwkv7_lb]
 
 Prints, per (op, variant, shape), each kernel's mean device time per step in ms, largest first.
 """
@@ -26,7 +26,12 @@ STEPS = 10
 def kernel_times(fn, xs, steps: int = STEPS) -> dict[str, float]:
     """Mean device ms per forward+backward step of each kernel that fn's step launches."""
     do = torch.randn_like(fn(*xs))
-    step = lambda: fn(*xs).backward(do)  # noqa: E731
+
+    def step():
+        for x in xs:  # as do_bench's grad_to_none: no gradient-accumulation kernels in the profile
+            x.grad = None
+        fn(*xs).backward(do)
+
     for _ in range(3):  # compile and warm up outside the profile
         step()
     torch.cuda.synchronize()
