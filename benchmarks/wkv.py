@@ -23,6 +23,7 @@ from triton.testing import do_bench
 
 import kernels.wkv6_triton as wkv6_mod
 import kernels.wkv7_triton as wkv7_mod
+import kernels.wkv_triton_common as common_mod
 import kernels.wkv_triton_walk as walk_mod
 
 SHAPES = [(8, 4096, 16, 64), (8, 4096, 64, 64), (2, 16384, 16, 64), (1, 65536, 16, 64)]
@@ -37,13 +38,10 @@ VARIANTS = {
     "seg1": dict(SEGMENT_BELOW=1),
     "seg2x": dict(SEGMENT_PROGRAMS_PER_SM=2),  # v3's cut: ~2 x SMs programs
     "seg4x": dict(SEGMENT_PROGRAMS_PER_SM=4),
-    # register caps: 128 lets two 8-warp backward programs share an SM, 168 three 4-warp forwards
-    "bwd_r128": dict(BWD_MAXNREG=128),
-    "fwd_r168": dict(FWD_MAXNREG=168),
-    # backward-only segments below 4 x SMs programs (v3.4), alone and with more backward programs per SM
-    "bseg": dict(BWD_SEGMENT_BELOW=4),
-    "bseg_r128": dict(BWD_SEGMENT_BELOW=4, BWD_MAXNREG=128),
-    "bseg_w4": dict(BWD_SEGMENT_BELOW=4, BWD_WARPS=4),
+    "fwd_w8": dict(FWD_WARPS=8),  # two warps per scheduler in the forward walk (ncu: one issues every ~4 cycles)
+    # the triangular inverse's dots for half inputs: IEEE fp32 (v3.3) or tf32x3 instead of tf32
+    "inv_ieee": dict(HALF_INVERSE_PRECISION="ieee"),
+    "inv_tf32x3": dict(HALF_INVERSE_PRECISION="tf32x3"),
 }
 
 
@@ -94,9 +92,9 @@ def sdpa_fn(B, T, H, N):
 
 
 def set_variant(name: str) -> dict:
-    """Point both kernel modules at a tuning variant; returns the previous attribute values."""
+    """Point the kernel modules at a tuning variant; returns the previous attribute values."""
     old = {}
-    for mod in (wkv7_mod, wkv6_mod, walk_mod):
+    for mod in (wkv7_mod, wkv6_mod, walk_mod, common_mod):
         for key, val in VARIANTS[name].items():
             if hasattr(mod, key):
                 old[(mod, key)] = getattr(mod, key)

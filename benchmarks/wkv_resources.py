@@ -17,13 +17,14 @@ import os
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import kernels.wkv6_triton as wkv6
 import kernels.wkv7_triton as wkv7
-from kernels.wkv_triton_common import block_v
+from kernels.wkv_triton_common import block_v, inverse_precision
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 HALF, F32, I32 = "*bf16", "*fp32", "*i32"
@@ -56,19 +57,20 @@ def main() -> None:
     N = parser.parse_args().N
     BV = block_v(N)
     shape = dict(H=16, K=N, V=N, BT=16, BV=BV, PREC="tf32")
+    shape7 = dict(shape, LOG2_BT=4, INV_PREC=inverse_precision(torch.bfloat16))
     half7 = {"r", "w", "k", "v", "a", "b", "o", "do", "dv"}
     half6 = {"r", "k", "v", "w", "u", "o", "do", "dv"}
     fwd_flags = dict(USE_H0=False, STORE_HT=False, IS_VARLEN=False)
     runs = [
         ("wkv7 fwd (inference)", wkv7.wkv7_fwd_kernel, half7,
-         dict(shape, LOG2_BT=4, **fwd_flags, STORE_HS=False, TRANSITION=False), wkv7.FWD_WARPS),
+         dict(shape7, **fwd_flags, STORE_HS=False, TRANSITION=False), wkv7.FWD_WARPS),
         ("wkv7 fwd (training)", wkv7.wkv7_fwd_kernel, half7,
-         dict(shape, LOG2_BT=4, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv7.FWD_WARPS),
+         dict(shape7, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv7.FWD_WARPS),
         ("wkv7 fwd (segment maps)", wkv7.wkv7_fwd_kernel, half7,
-         dict(shape, LOG2_BT=4, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.FWD_WARPS),
+         dict(shape7, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.FWD_WARPS),
         ("wkv7 bwd", wkv7.wkv7_bwd_kernel, half7,
-         dict(shape, LOG2_BT=4, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv7.BWD_WARPS),
-        ("wkv7 bwd_state", wkv7.wkv7_bwd_state_kernel, half7, dict(shape, LOG2_BT=4), wkv7.FWD_WARPS),
+         dict(shape7, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv7.BWD_WARPS),
+        ("wkv7 bwd_state", wkv7.wkv7_bwd_state_kernel, half7, dict(shape7), wkv7.FWD_WARPS),
         ("wkv6 fwd (training)", wkv6.wkv6_fwd_kernel, half6,
          dict(shape, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv6.FWD_WARPS),
         ("wkv6 bwd", wkv6.wkv6_bwd_kernel, half6,
@@ -76,7 +78,7 @@ def main() -> None:
     ]
     print(f"sm_90, triton {triton.__version__}, N = {N}, value block {BV}")
     for name, fn, half, constexprs, warps in runs:
-        print(f"{name:26s} {warps} warps  {resource_line(fn, pointer_types(fn, half), constexprs, warps)}")
+        print(f"{name:28s} {warps} warps  {resource_line(fn, pointer_types(fn, half), constexprs, warps)}")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, dot_precision, intra, load_chunk, partial_grad, reduce_parts,
-    reverse_cumsum, seq_bounds, state_ptr, store_chunk, unit_tril_inverse, walk_end, walk_start,
+    block_v, check_inputs, chunk_decays, dot_precision, intra, inverse_precision, load_chunk, partial_grad,
+    reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk, unit_tril_inverse, walk_end, walk_start,
 )
 from kernels.wkv_triton_walk import walk_backward, walk_forward
 
@@ -47,7 +47,7 @@ def wkv7_fwd_kernel(
     r, w, k, v, a, b, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr,
-    TRANSITION: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    TRANSITION: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
     """Walk the chunks in order carrying S [K, BV]; STORE_HS keeps each chunk-start state for the
     backward. TRANSITION (segments, no output): programs
@@ -72,7 +72,7 @@ def wkv7_fwd_kernel(
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
         b_Aab, b_Aak = intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
-        b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT)
+        b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT, INV_PREC)
         b_x = tl.dot(b_a * e_Ge, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC)
         b_u = tl.dot(b_Ti, b_x, input_precision=PREC)  # [BT, BV] rows u_t = S_{t-1}^T a_t
         if not TRANSITION:
@@ -90,7 +90,7 @@ def wkv7_bwd_kernel(
     r, w, k, v, a, b, do, dht, hs, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     BV: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
     """Reverse walk over the chunks carrying dS [K, BV], from the state saved at each chunk start.
     dr, dw, dk, da, db are this program's partial sums over its BV value columns, written to slice
@@ -116,7 +116,7 @@ def wkv7_bwd_kernel(
         b_r0, b_a0, b_bh, b_kh = b_r * e_G, b_a * e_Ge, b_b * e_h, b_k * e_h
         b_Aab, b_Aak = intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
         b_Arb, b_Ark = intra(b_rt, b_bt, m_i, PREC), intra(b_rt, b_kt, m_i, PREC)
-        b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT)
+        b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT, INV_PREC)
         b_u = tl.dot(b_Ti, tl.dot(b_a0, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC),
                      input_precision=PREC)  # [BT, BV]
         # value side: U feeds O and S_BT; X = (I - A_ab) U
@@ -159,7 +159,7 @@ def wkv7_bwd_kernel(
 def wkv7_bwd_state_kernel(
     r, w, a, b, do, ds0, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, INV_PREC: tl.constexpr,
 ):
     """dS at the start of each segment when its end has none (the backward's state walk alone):
     dU = A_rb^T dO + Bh dS, dX = (I - A_ab)^{-T} dU, dS <- A0^T dX + R0^T dO + e^{g_BT} dS."""
@@ -180,7 +180,7 @@ def wkv7_bwd_state_kernel(
         b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_bt = b_b * e_ng
-        b_Ti = unit_tril_inverse(intra(b_a * e_ge, b_bt, m_s, PREC), BT, LOG2_BT)
+        b_Ti = unit_tril_inverse(intra(b_a * e_ge, b_bt, m_s, PREC), BT, LOG2_BT, INV_PREC)
         b_Arb = intra(b_r * e_g, b_bt, m_i, PREC)
         b_du = tl.dot(tl.trans(b_Arb), b_do, input_precision=PREC) + tl.dot(b_b * e_h, b_ds, input_precision=PREC)
         b_dx = tl.dot(tl.trans(b_Ti), b_du, input_precision=PREC)
@@ -216,7 +216,7 @@ def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
             r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, r.shape[1],
             H=r.shape[2], K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=block_v(N), USE_H0=h0 is not None,
             STORE_HT=ht is not None, STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None,
-            PREC=dot_precision(r.dtype), num_warps=FWD_WARPS,
+            PREC=dot_precision(r.dtype), INV_PREC=inverse_precision(r.dtype), num_warps=FWD_WARPS,
         )
 
     return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
@@ -227,7 +227,8 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
     do = do.contiguous()
     dr, dw, dk, da, db = (partial_grad(x, N // block_v(N)) for x in (r, w, k, a, b))
     dv = torch.empty_like(v)
-    shape = dict(H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=block_v(N), PREC=dot_precision(r.dtype))
+    shape = dict(H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=block_v(N), PREC=dot_precision(r.dtype),
+                 INV_PREC=inverse_precision(r.dtype))
 
     def launch(dht, dh0, cu, chunk_offsets, grid):
         wkv7_bwd_kernel[grid](

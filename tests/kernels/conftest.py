@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -148,3 +149,26 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def round_to_tf32(x: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to tf32 (10 mantissa bits, to nearest), as tensor cores read tf32 operands."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32)
+
+
+@pytest.fixture
+def tf32_dots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the Triton interpreter, dots asked for tf32 round their operands to tf32 as a GPU does
+    (the interpreter otherwise multiplies in full fp32), so CPU tests see the GPU's dot precision."""
+    import triton.runtime.interpreter as interpreter
+
+    exact_dot = interpreter.InterpreterBuilder.create_dot
+
+    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if str(input_precision).endswith("TF32"):  # not TF32x3 (about fp32) nor IEEE
+            a = interpreter.TensorHandle(round_to_tf32(a.data), a.dtype)
+            b = interpreter.TensorHandle(round_to_tf32(b.data), b.dtype)
+        return exact_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)

@@ -69,6 +69,21 @@ def test_half_inputs_match_reference(name, dtype):
     compare_with_reference(name, 1, 21, 2, 32, dtype=dtype)
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="emulates the GPU's tf32 dots in the Triton interpreter")
+@pytest.mark.parametrize("name", OPS)
+def test_half_inputs_with_tf32_dots_match_reference(name, tf32_dots):
+    """bf16 inputs with every tf32 dot's operands rounded as tensor cores round them (the triangular
+    inverse included, kernels/NOTES.md v3.4), over several chunks and both ends of the decay range:
+    within the 1e-2 contract. The final state (fp32, no bf16 output rounding) shows the emulation is on."""
+    op, reference, make_inputs, low = OPS[name]
+    x = on_device(make_inputs(1, 100, 2, 64, seed=3, decay=(low, -1e-6), lower_bound_share=0.3), torch.bfloat16)
+    s0 = random_state(1, 2, 64)
+    got = run_with_grads(op, leaves(x), leaf(s0), scale=0.125)
+    ref = run_with_grads(reference, leaves(x, torch.float64), leaf(s0, torch.float64), scale=0.125)
+    assert_all_close(got, ref, TOL[torch.bfloat16])
+    assert rel_err(got["s_T"], ref["s_T"]) > 1e-5  # exact fp32 dots give ~1e-7
+
+
 @pytest.mark.parametrize("name", OPS)
 def test_decay_range_ends_without_overflow(name):
     """Log decays at exactly the lower bound (half the entries), a hair above it, and just below 0,
