@@ -29,7 +29,7 @@ import kernels.wkv_triton_walk as walk_mod
 SHAPES = [(8, 4096, 16, 64), (8, 4096, 64, 64), (2, 16384, 16, 64), (1, 65536, 16, 64)]
 BF16 = 2  # bytes per element
 
-# our tuning variants: module attributes set before timing (value block, warps, segmenting)
+# our tuning variants: module attributes set before timing (value block, warps, segmenting, inverse precision)
 VARIANTS = {
     "default": {},
     "bv32": dict(block_v=lambda N: 32),
