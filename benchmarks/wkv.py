@@ -42,6 +42,9 @@ VARIANTS = {
     # the triangular inverse's dots for half inputs: IEEE fp32 (v3.3) or tf32x3 instead of tf32
     "inv_ieee": dict(HALF_INVERSE_PRECISION="ieee"),
     "inv_tf32x3": dict(HALF_INVERSE_PRECISION="tf32x3"),
+    # WKV-7 forward as chunk-parallel factors + a light walk (v3.5), at 4 and 8 warps
+    "split_fwd": dict(SPLIT_FORWARD=True),
+    "split_fwd_w8": dict(SPLIT_FORWARD=True, FWD_WARPS=8),
 }
 
 

@@ -46,7 +46,7 @@ def resource_line(fn, pointers: dict[str, str], constexprs: dict, num_warps: int
 
 def pointer_types(fn, half: set[str]) -> dict[str, str]:
     """bf16 for the inputs/outputs named in half, int32 for the layouts, fp32 for states and gradients."""
-    ints = {"cu_seqlens", "chunk_offsets", "seg_first"}
+    ints = {"cu_seqlens", "chunk_offsets", "seg_first", "chunk_seq"}
     return {name: HALF if name in half else I32 if name in ints else F32
             for name in fn.arg_names if name not in ("scale", "T", "NTOK") and name[0].islower()}
 
@@ -68,6 +68,11 @@ def main() -> None:
          dict(shape7, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv7.FWD_WARPS),
         ("wkv7 fwd (segment maps)", wkv7.wkv7_fwd_kernel, half7,
          dict(shape7, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.FWD_WARPS),
+        ("wkv7 prepare (split fwd)", wkv7.wkv7_prepare_kernel, half7, dict(shape7, IS_VARLEN=False), wkv7.FWD_WARPS),
+        ("wkv7 walk (split fwd)", wkv7.wkv7_walk_kernel, half7,
+         dict(shape, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv7.FWD_WARPS),
+        ("wkv7 walk (segment maps)", wkv7.wkv7_walk_kernel, half7,
+         dict(shape, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.FWD_WARPS),
         ("wkv7 bwd", wkv7.wkv7_bwd_kernel, half7,
          dict(shape7, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv7.BWD_WARPS),
         ("wkv7 bwd_state", wkv7.wkv7_bwd_state_kernel, half7, dict(shape7), wkv7.FWD_WARPS),
