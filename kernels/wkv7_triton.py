@@ -302,7 +302,7 @@ def wkv7_step_kernel(r, w, k, v, a, b, s, o, s_new, scale, K: tl.constexpr, V: t
 
 
 def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save):
-    B, T, H, N = r.shape
+    _, T, H, N = r.shape
     flags = dict(H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(r.dtype))
     if SPLIT_FORWARD:
         wq, zy = _prepare(r, w, k, v, a, b, scale, cu_seqlens, flags)
