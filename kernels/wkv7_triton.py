@@ -38,6 +38,10 @@ SPLIT_FORWARD = False
 # No software pipelining in the light walk: it doubled the walk's code and spilled (local sm_90 report: 1872 -> 976
 # instructions, 360 B -> 0 spill stack with one stage)
 WALK_STAGES = 1
+# The light walk's state columns per program and warps. At BV = 64 (one program per head) it took 1.07 of the
+# fused forward's 1.15 ms (H100, (8, 4096, 16, 64)): a chain of two dots still waits on itself with one warp per
+# scheduler. Narrow value blocks give several walks per SM to interleave; the factors W, Q are shared by them.
+WALK_BV, WALK_WARPS = 16, 4
 LOG2_BT = 4
 
 
@@ -304,16 +308,7 @@ def wkv7_step_kernel(r, w, k, v, a, b, s, o, s_new, scale, K: tl.constexpr, V: t
 def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save):
     _, T, H, N = r.shape
     flags = dict(H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(r.dtype))
-    if SPLIT_FORWARD:
-        wq, zy = _prepare(r, w, k, v, a, b, scale, cu_seqlens, flags)
-
-        def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
-            wkv7_walk_kernel[grid](
-                w, k, v, b, wq, zy, o, h0, ht, hs, cu, chunk_offsets, T, USE_H0=h0 is not None,
-                STORE_HT=ht is not None, STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None,
-                num_warps=FWD_WARPS, num_stages=WALK_STAGES, **flags,
-            )
-    else:
+    if not SPLIT_FORWARD:
         def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
             wkv7_fwd_kernel[grid](
                 r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, T, LOG2_BT=LOG2_BT,
@@ -321,7 +316,19 @@ def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
                 IS_VARLEN=cu is not None, INV_PREC=inverse_precision(r.dtype), num_warps=FWD_WARPS, **flags,
             )
 
-    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
+        return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT, flags["BV"])
+
+    wq, zy = _prepare(r, w, k, v, a, b, scale, cu_seqlens, flags)
+    walk_flags = {**flags, "BV": min(WALK_BV, N)}
+
+    def launch_walk(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
+        wkv7_walk_kernel[grid](
+            w, k, v, b, wq, zy, o, h0, ht, hs, cu, chunk_offsets, T, USE_H0=h0 is not None,
+            STORE_HT=ht is not None, STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None,
+            num_warps=WALK_WARPS, num_stages=WALK_STAGES, **walk_flags,
+        )
+
+    return walk_forward(launch_walk, v, initial_state, output_final_state, cu_seqlens, save, BT, walk_flags["BV"])
 
 
 def _prepare(r, w, k, v, a, b, scale, cu_seqlens, flags):

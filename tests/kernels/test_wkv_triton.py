@@ -159,12 +159,12 @@ def test_segments_equal_one_walk(name, packed, monkeypatch):
 def test_split_forward_equals_fused(case, monkeypatch):
     """WKV-7's forward as chunk-parallel factors + a light walk (SPLIT_FORWARD) == the fused walk:
     outputs, final state and every gradient, over batches, packed sequences (one empty), segments
-    and several value blocks (N = 128)."""
+    and several value blocks (the walk's 16 columns of N = 32 or 128, where the fused walk takes 32)."""
     import kernels.wkv7_triton as wkv7
     import kernels.wkv_triton_walk as walk
 
-    B, T, N, bounds = {"batch": (2, 37, 16, None), "packed": (1, 90, 16, [0, 40, 40, 51, 90]),
-                       "segments": (2, 45, 16, None), "packed_segments": (1, 90, 16, [0, 40, 40, 51, 90]),
+    B, T, N, bounds = {"batch": (2, 37, 32, None), "packed": (1, 90, 32, [0, 40, 40, 51, 90]),
+                       "segments": (2, 45, 32, None), "packed_segments": (1, 90, 32, [0, 40, 40, 51, 90]),
                        "N128": (1, 20, 128, None)}[case]
     if "segments" in case:
         monkeypatch.setattr(walk, "SEGMENT_CHUNKS", 2)
@@ -175,6 +175,7 @@ def test_split_forward_equals_fused(case, monkeypatch):
                               cu_seqlens=cu)
     fused = outputs_and_grads(run, {**x, "s0": s0})
     monkeypatch.setattr(wkv7, "SPLIT_FORWARD", True)
+    monkeypatch.setattr(wkv7, "WALK_BV", 16)
     assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), fused, EXACT)
 
 
