@@ -42,11 +42,6 @@ VARIANTS = {
     # the triangular inverse's dots for half inputs: IEEE fp32 (v3.3) or tf32x3 instead of tf32
     "inv_ieee": dict(HALF_INVERSE_PRECISION="ieee"),
     "inv_tf32x3": dict(HALF_INVERSE_PRECISION="tf32x3"),
-    # WKV-7 forward as chunk-parallel factors + a light walk (v3.5, v3.6): the walk's value block and pipeline
-    "split_fwd": dict(SPLIT_FORWARD=True),
-    "split_bv64": dict(SPLIT_FORWARD=True, WALK_BV=64),  # v3.5 as measured first: one walk per head
-    "split_bv32": dict(SPLIT_FORWARD=True, WALK_BV=32),
-    "split_s2": dict(SPLIT_FORWARD=True, WALK_STAGES=2),
 }
 
 
@@ -124,8 +119,7 @@ def fla_ops():
 
 def resource_report() -> list[dict]:
     """Registers, spills and shared memory of every compiled variant of our kernels."""
-    kernels = {wkv7_mod: ("wkv7_fwd_kernel", "wkv7_prepare_kernel", "wkv7_walk_kernel", "wkv7_bwd_kernel",
-                          "wkv7_bwd_state_kernel"),
+    kernels = {wkv7_mod: ("wkv7_fwd_kernel", "wkv7_bwd_kernel", "wkv7_bwd_state_kernel"),
                wkv6_mod: ("wkv6_fwd_kernel", "wkv6_bwd_kernel", "wkv6_bwd_state_kernel"),
                walk_mod: ("segment_scan_kernel",)}
     rows = []

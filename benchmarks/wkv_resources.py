@@ -30,13 +30,13 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 HALF, F32, I32 = "*bf16", "*fp32", "*i32"
 
 
-def resource_line(fn, pointers: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+def resource_line(fn, pointers: dict[str, str], constexprs: dict, num_warps: int) -> str:
     """cuobjdump's REG/STACK/SHARED line for fn compiled with these argument types and constants."""
     scalars = {"scale": "fp32", "T": "i32", "NTOK": "i32"}
     signature = {name: pointers.get(name, scalars.get(name, "constexpr")) for name in fn.arg_names}
     src = ASTSource(fn=fn, signature=signature,
                     constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -46,7 +46,7 @@ def resource_line(fn, pointers: dict[str, str], constexprs: dict, num_warps: int
 
 def pointer_types(fn, half: set[str]) -> dict[str, str]:
     """bf16 for the inputs/outputs named in half, int32 for the layouts, fp32 for states and gradients."""
-    ints = {"cu_seqlens", "chunk_offsets", "seg_first", "chunk_seq"}
+    ints = {"cu_seqlens", "chunk_offsets", "seg_first"}
     return {name: HALF if name in half else I32 if name in ints else F32
             for name in fn.arg_names if name not in ("scale", "T", "NTOK") and name[0].islower()}
 
@@ -58,7 +58,6 @@ def main() -> None:
     BV = block_v(N)
     shape = dict(H=16, K=N, V=N, BT=16, BV=BV, PREC="tf32")
     shape7 = dict(shape, LOG2_BT=4, INV_PREC=inverse_precision(torch.bfloat16))
-    walk_shape = dict(shape, BV=min(wkv7.WALK_BV, N))
     half7 = {"r", "w", "k", "v", "a", "b", "o", "do", "dv"}
     half6 = {"r", "k", "v", "w", "u", "o", "do", "dv"}
     fwd_flags = dict(USE_H0=False, STORE_HT=False, IS_VARLEN=False)
@@ -69,11 +68,6 @@ def main() -> None:
          dict(shape7, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv7.FWD_WARPS),
         ("wkv7 fwd (segment maps)", wkv7.wkv7_fwd_kernel, half7,
          dict(shape7, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.FWD_WARPS),
-        ("wkv7 prepare (split fwd)", wkv7.wkv7_prepare_kernel, half7, dict(shape7, IS_VARLEN=False), wkv7.FWD_WARPS),
-        ("wkv7 walk (split fwd)", wkv7.wkv7_walk_kernel, half7,
-         dict(walk_shape, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv7.WALK_WARPS),
-        ("wkv7 walk (segment maps)", wkv7.wkv7_walk_kernel, half7,
-         dict(walk_shape, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.WALK_WARPS),
         ("wkv7 bwd", wkv7.wkv7_bwd_kernel, half7,
          dict(shape7, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv7.BWD_WARPS),
         ("wkv7 bwd_state", wkv7.wkv7_bwd_state_kernel, half7, dict(shape7), wkv7.FWD_WARPS),
@@ -84,8 +78,7 @@ def main() -> None:
     ]
     print(f"sm_90, triton {triton.__version__}, N = {N}, value block {BV}")
     for name, fn, half, constexprs, warps in runs:
-        stages = wkv7.WALK_STAGES if fn is wkv7.wkv7_walk_kernel else 3  # as the wrappers launch them
-        line = resource_line(fn, pointer_types(fn, half), constexprs, warps, stages)
+        line = resource_line(fn, pointer_types(fn, half), constexprs, warps)
         print(f"{name:28s} {warps} warps  BV {constexprs['BV']:3d}  {line}")
 
 

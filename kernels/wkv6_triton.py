@@ -164,17 +164,16 @@ def wkv6_step_kernel(r, k, v, w, u, s, o, s_new, scale, H: tl.constexpr, K: tl.c
 
 def _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save):
     N = r.shape[-1]
-    BV = block_v(N)
 
     def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
         wkv6_fwd_kernel[grid](
             r, k, v, w, u, o, h0, ht, hs, cu, chunk_offsets, scale, r.shape[1],
-            H=r.shape[2], K=N, V=N, BT=BT, BV=BV, USE_H0=h0 is not None, STORE_HT=ht is not None,
+            H=r.shape[2], K=N, V=N, BT=BT, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
             STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
             num_warps=FWD_WARPS,
         )
 
-    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT, BV)
+    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
 
 
 def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):

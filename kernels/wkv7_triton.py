@@ -11,9 +11,6 @@ no exp over- or underflows), u_t = S_{t-1}^T a_t solves a unit lower-triangular 
 
 Each program owns one head and BV columns of the state (columns evolve independently) and walks
 the chunks in order; the backward walks them in reverse with the state saved at each chunk start.
-With SPLIT_FORWARD the forward first computes every chunk's state-free factors in parallel
-(wkv7_prepare_kernel), so that its walk (wkv7_walk_kernel) carries only U = W S_0 + Z, O = Q S_0 + Y
-and the state update.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, chunk_layout, dot_precision, intra, inverse_precision, load_chunk,
+    block_v, check_inputs, chunk_decays, dot_precision, intra, inverse_precision, load_chunk, load_chunk_raw,
     partial_grad, reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk, unit_tril_inverse, walk_end,
     walk_start,
 )
@@ -32,28 +29,30 @@ from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
-# Forward as two passes (v3.5, kernels/NOTES.md): every chunk's state-free factors in parallel, then a light
-# walk with 2 dependent dots per chunk. Off until measured on a GPU (benchmark variant split_fwd).
-SPLIT_FORWARD = False
-# No software pipelining in the light walk: it doubled the walk's code and spilled (local sm_90 report: 1872 -> 976
-# instructions, 360 B -> 0 spill stack with one stage)
-WALK_STAGES = 1
-# The light walk's state columns per program and warps. At BV = 64 (one program per head) it took 1.07 of the
-# fused forward's 1.15 ms (H100, (8, 4096, 16, 64)): a chain of two dots still waits on itself with one warp per
-# scheduler. Narrow value blocks give several walks per SM to interleave; the factors W, Q are shared by them.
-WALK_BV, WALK_WARPS = 16, 4
 LOG2_BT = 4
+
+
+@triton.jit
+def _load_rwkab_raw(r, w, k, a, b, bos, eos, i_h, i_t, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """The K-side operands of chunk i_t as stored, [BT, K]: r, w, k, a, b."""
+    return (load_chunk_raw(r, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(w, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(k, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(a, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(b, bos, eos, i_h, i_t, 0, H, K, BT, K))
+
+
+@triton.jit
+def _rwkab_f32(n_r, n_w, n_k, n_a, n_b, scale):
+    """fp32 operands from stored ones: scale r, w, k, a, b."""
+    return n_r.to(tl.float32) * scale, n_w.to(tl.float32), n_k.to(tl.float32), n_a.to(tl.float32), n_b.to(tl.float32)
 
 
 @triton.jit
 def _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
     """The K-side operands of chunk i_t, fp32 [BT, K]: scale r, w, k, a, b."""
-    b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale
-    b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
-    b_k = load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K)
-    b_a = load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K)
-    b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
-    return b_r, b_w, b_k, b_a, b_b
+    n_r, n_w, n_k, n_a, n_b = _load_rwkab_raw(r, w, k, a, b, bos, eos, i_h, i_t, H, K, BT)
+    return _rwkab_f32(n_r, n_w, n_k, n_a, n_b, scale)
 
 
 @triton.jit
@@ -100,89 +99,6 @@ def wkv7_fwd_kernel(
 
 
 @triton.jit
-def factor_ptrs(x, i_c, i_h, j, i_d, H: tl.constexpr, BT: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    """Pointers [BT, BD] to columns [i_d*BD, (i_d+1)*BD) of factor j of chunk i_c, head i_h in a
-    [n_chunks, H, 2, BT, D] tensor."""
-    rows = ((i_c.to(tl.int64) * H + i_h) * 2 + j) * BT + tl.arange(0, BT)
-    return x + rows[:, None] * D + i_d * BD + tl.arange(0, BD)[None, :]
-
-
-@triton.jit
-def wkv7_prepare_kernel(
-    r, w, k, v, a, b, wq, zy, cu_seqlens, chunk_offsets, chunk_seq, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
-    BV: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
-):
-    """Every chunk's factors that do not involve the state, one program per (chunk, head, value block):
-
-        U = W S_0 + Z,  O = Q S_0 + Y  with  W = (I - A_ab)^{-1} A0,  Z = (I - A_ab)^{-1} A_ak V,
-        Q = R0 + A_rb W,  Y = A_rb Z + A_rk V.
-
-    wq [n_chunks, H, 2, BT, K] receives W and Q (from value block 0), zy [n_chunks, H, 2, BT, V] Z and Y."""
-    i_ch, i_v = tl.program_id(0), tl.program_id(1)
-    i_c, i_h = i_ch // H, i_ch % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_seq + i_c)
-        bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, True)
-        i_t = i_c - c0
-    else:
-        NT = tl.cdiv(T, BT)
-        bos, eos, _ = seq_bounds(cu_seqlens, chunk_offsets, i_c // NT, T, BT, False)
-        i_t = i_c % NT
-    o_t = tl.arange(0, BT)
-    m_s = o_t[:, None] > o_t[None, :]
-    m_i = o_t[:, None] >= o_t[None, :]
-    b_r, b_w, b_k, b_a, b_b = _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # [BT, K]
-    b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
-    e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
-    b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng
-    b_Ti = unit_tril_inverse(intra(b_at, b_bt, m_s, PREC), BT, LOG2_BT, INV_PREC)
-    b_Arb = intra(b_rt, b_bt, m_i, PREC)
-    b_W = tl.dot(b_Ti, b_a * e_Ge, input_precision=PREC)  # [BT, K]
-    b_Z = tl.dot(b_Ti, tl.dot(intra(b_at, b_kt, m_s, PREC), b_v, input_precision=PREC), input_precision=PREC)
-    b_Y = tl.dot(b_Arb, b_Z, input_precision=PREC) + tl.dot(intra(b_rt, b_kt, m_i, PREC), b_v, input_precision=PREC)
-    tl.store(factor_ptrs(zy, i_c, i_h, 0, i_v, H, BT, V, BV), b_Z)
-    tl.store(factor_ptrs(zy, i_c, i_h, 1, i_v, H, BT, V, BV), b_Y)
-    if i_v == 0:
-        tl.store(factor_ptrs(wq, i_c, i_h, 0, 0, H, BT, K, K), b_W)
-        tl.store(factor_ptrs(wq, i_c, i_h, 1, 0, H, BT, K, K), b_r * e_G + tl.dot(b_Arb, b_W, input_precision=PREC))
-
-
-@triton.jit
-def wkv7_walk_kernel(
-    w, k, v, b, wq, zy, o, h0, ht, hs, cu_seqlens, chunk_offsets, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, TRANSITION: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
-):
-    """wkv7_fwd_kernel's walk on prepared factors (wkv7_prepare_kernel): per chunk U = W S + Z,
-    O = Q S + Y, S <- diag(e^{g_BT}) S + Bh^T U + Kh^T V. Same flags and outputs as wkv7_fwd_kernel."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-    NV: tl.constexpr = V // BV
-    b_s, v_on = walk_start(h0, i_nh, i_v, K, V, BV, USE_H0, TRANSITION)
-    for i_t in range(tl.cdiv(eos - bos, BT)):
-        if STORE_HS:
-            tl.store(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV), b_s)
-        b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)  # [BT, K]
-        b_k = load_chunk(k, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_v = load_chunk(v, bos, eos, i_h, i_t, i_v % NV, H, V, BT, BV) * v_on  # [BT, BV]
-        b_W = tl.load(factor_ptrs(wq, c0 + i_t, i_h, 0, 0, H, BT, K, K))  # [BT, K]
-        b_Z = tl.load(factor_ptrs(zy, c0 + i_t, i_h, 0, i_v % NV, H, BT, V, BV)) * v_on  # [BT, BV]
-        e_gl, _, _, _, _, _, e_h = chunk_decays(b_w)
-        b_u = tl.dot(b_W, b_s, input_precision=PREC) + b_Z  # [BT, BV]
-        if not TRANSITION:
-            b_Q = tl.load(factor_ptrs(wq, c0 + i_t, i_h, 1, 0, H, BT, K, K))
-            b_Y = tl.load(factor_ptrs(zy, c0 + i_t, i_h, 1, i_v, H, BT, V, BV))
-            store_chunk(o, tl.dot(b_Q, b_s, input_precision=PREC) + b_Y, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
-        b_s = (e_gl[:, None] * b_s + tl.dot(tl.trans(b_b * e_h), b_u, input_precision=PREC)
-               + tl.dot(tl.trans(b_k * e_h), b_v, input_precision=PREC))  # [K, BV]
-    walk_end(ht, b_s, i_nh, i_v, K, V, BV, STORE_HT, TRANSITION)
-
-
-@triton.jit
 def wkv7_bwd_kernel(
     r, w, k, v, a, b, do, dht, hs, dr, dw, dk, dv, da, db, dh0, cu_seqlens, chunk_offsets, scale, T, NTOK,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
@@ -202,12 +118,23 @@ def wkv7_bwd_kernel(
     m_i = o_t[:, None] >= o_t[None, :]
     b_ds, _ = walk_start(dht, i_nh, i_v, K, V, BV, USE_DHT, False)  # dS at the end: dht or zeros
     NT = tl.cdiv(eos - bos, BT)
+    # the chunk before is loaded while this one computes: loaded at the top of its own iteration, every chunk
+    # waited a memory round trip on two warps per scheduler (H100: 3.17 -> 2.55 ms at (8, 4096, 16, 64)). The
+    # forward, at 231 registers, spilled with the same prefetch and lost (1.16 -> 1.27 ms); prefetching the
+    # saved state here as well lost too (2.68 ms)
+    i_p = tl.maximum(NT - 1, 0)  # an empty sequence: chunk 0, every row masked
+    n_r, n_w, n_k, n_a, n_b = _load_rwkab_raw(r, w, k, a, b, bos, eos, i_h, i_p, H, K, BT)
+    n_v = load_chunk_raw(v, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
+    n_do = load_chunk_raw(do, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
     for j in range(NT):
         i_t = NT - 1 - j
         b_s = tl.load(state_ptr(hs, (c0 + i_t) * H + i_h, i_v, K, V, BV))  # [K, BV] state at chunk start
-        b_r, b_w, b_k, b_a, b_b = _load_rwkab(r, w, k, a, b, bos, eos, i_h, i_t, scale, H, K, BT)  # [BT, K]
-        b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
-        b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
+        b_r, b_w, b_k, b_a, b_b = _rwkab_f32(n_r, n_w, n_k, n_a, n_b, scale)  # [BT, K]
+        b_v, b_do = n_v.to(tl.float32), n_do.to(tl.float32)  # [BT, BV]
+        i_p = tl.maximum(i_t - 1, 0)  # past the first chunk: chunk 0 again (rows before bos are not masked)
+        n_r, n_w, n_k, n_a, n_b = _load_rwkab_raw(r, w, k, a, b, bos, eos, i_h, i_p, H, K, BT)
+        n_v = load_chunk_raw(v, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
+        n_do = load_chunk_raw(do, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
         b_r0, b_a0, b_bh, b_kh = b_r * e_G, b_a * e_Ge, b_b * e_h, b_k * e_h
@@ -307,46 +234,16 @@ def wkv7_step_kernel(r, w, k, v, a, b, s, o, s_new, scale, K: tl.constexpr, V: t
 
 def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save):
     _, T, H, N = r.shape
-    flags = dict(H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(r.dtype))
-    if not SPLIT_FORWARD:
-        def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
-            wkv7_fwd_kernel[grid](
-                r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, T, LOG2_BT=LOG2_BT,
-                USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_HS=hs is not None, TRANSITION=transition,
-                IS_VARLEN=cu is not None, INV_PREC=inverse_precision(r.dtype), num_warps=FWD_WARPS, **flags,
-            )
 
-        return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT, flags["BV"])
-
-    wq, zy = _prepare(r, w, k, v, a, b, scale, cu_seqlens, flags)
-    walk_flags = {**flags, "BV": min(WALK_BV, N)}
-
-    def launch_walk(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
-        wkv7_walk_kernel[grid](
-            w, k, v, b, wq, zy, o, h0, ht, hs, cu, chunk_offsets, T, USE_H0=h0 is not None,
-            STORE_HT=ht is not None, STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None,
-            num_warps=WALK_WARPS, num_stages=WALK_STAGES, **walk_flags,
+    def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
+        wkv7_fwd_kernel[grid](
+            r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, T, H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT,
+            BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_HS=hs is not None,
+            TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
+            INV_PREC=inverse_precision(r.dtype), num_warps=FWD_WARPS,
         )
 
-    return walk_forward(launch_walk, v, initial_state, output_final_state, cu_seqlens, save, BT, walk_flags["BV"])
-
-
-def _prepare(r, w, k, v, a, b, scale, cu_seqlens, flags):
-    """wkv7_prepare_kernel over every chunk: W, Q [n_chunks, H, 2, BT, K] and Z, Y [n_chunks, H, 2, BT, V] fp32."""
-    B, T, H, N = r.shape
-    n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    chunk_offsets, n_chunks = chunk_layout(T, n_seq, cu_seqlens, BT)
-    chunk_seq = None  # the sequence of each chunk, when packed
-    if cu_seqlens is not None:
-        chunk_seq = torch.repeat_interleave(torch.arange(n_seq, dtype=torch.int32, device=r.device),
-                                            (chunk_offsets[1:] - chunk_offsets[:-1]).long(), output_size=n_chunks)
-    wq = r.new_empty(n_chunks, H, 2, BT, N, dtype=torch.float32)
-    zy = torch.empty_like(wq)
-    wkv7_prepare_kernel[(n_chunks * H, N // flags["BV"])](
-        r, w, k, v, a, b, wq, zy, cu_seqlens, chunk_offsets, chunk_seq, scale, T, LOG2_BT=LOG2_BT,
-        IS_VARLEN=cu_seqlens is not None, INV_PREC=inverse_precision(r.dtype), num_warps=FWD_WARPS, **flags,
-    )
-    return wq, zy
+    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
 
 
 def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):

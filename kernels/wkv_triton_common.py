@@ -104,8 +104,15 @@ def chunk_ptrs(x, bos, eos, i_h, i_t, i_d, H: tl.constexpr, D: tl.constexpr, BT:
 @triton.jit
 def load_chunk(x, bos, eos, i_h, i_t, i_d, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """fp32 [BT, BD] block of a [*, H, D] tensor; zero past eos."""
+    return load_chunk_raw(x, bos, eos, i_h, i_t, i_d, H, D, BT, BD).to(tl.float32)
+
+
+@triton.jit
+def load_chunk_raw(x, bos, eos, i_h, i_t, i_d, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                   BD: tl.constexpr):
+    """load_chunk in x's own dtype: a walk loads the next chunk a whole iteration before it uses it."""
     p_x, m_x = chunk_ptrs(x, bos, eos, i_h, i_t, i_d, H, D, BT, BD)
-    return tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+    return tl.load(p_x, mask=m_x, other=0.0)
 
 
 @triton.jit

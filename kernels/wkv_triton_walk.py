@@ -140,13 +140,12 @@ BackwardLaunch = Callable[..., None]
 
 
 def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None, output_final_state: bool,
-                 cu_seqlens: Tensor | None, save: bool, BT: int, BV: int) -> tuple[Tensor, Tensor | None, Saved]:
-    """Run the op's forward over whole sequences, or over segments joined by a scan, with BV state
-    columns per program. x: the op's v (o takes its shape and dtype). Returns o, the final state
-    (if asked) and what the backward needs."""
+                 cu_seqlens: Tensor | None, save: bool, BT: int) -> tuple[Tensor, Tensor | None, Saved]:
+    """Run the op's forward over whole sequences, or over segments joined by a scan. x: the op's v
+    (o takes its shape and dtype). Returns o, the final state (if asked) and what the backward needs."""
     B, T, H, N = x.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    NV = N // BV
+    NV = N // block_v(N)
     seg = plan_segments(T, n_seq, cu_seqlens, H, NV, BT, x.device)
     dm = ht = None
     if seg is not None:  # every segment's map S_end = M S_start + D, then the start states by a scan

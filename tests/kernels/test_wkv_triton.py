@@ -155,30 +155,6 @@ def test_segments_equal_one_walk(name, packed, monkeypatch):
         assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), one, EXACT)
 
 
-@pytest.mark.parametrize("case", ["batch", "packed", "segments", "packed_segments", "N128"])
-def test_split_forward_equals_fused(case, monkeypatch):
-    """WKV-7's forward as chunk-parallel factors + a light walk (SPLIT_FORWARD) == the fused walk:
-    outputs, final state and every gradient, over batches, packed sequences (one empty), segments
-    and several value blocks (the walk's 16 columns of N = 32 or 128, where the fused walk takes 32)."""
-    import kernels.wkv7_triton as wkv7
-    import kernels.wkv_triton_walk as walk
-
-    B, T, N, bounds = {"batch": (2, 37, 32, None), "packed": (1, 90, 32, [0, 40, 40, 51, 90]),
-                       "segments": (2, 45, 32, None), "packed_segments": (1, 90, 32, [0, 40, 40, 51, 90]),
-                       "N128": (1, 20, 128, None)}[case]
-    if "segments" in case:
-        monkeypatch.setattr(walk, "SEGMENT_CHUNKS", 2)
-    x = leaves(on_device(wkv7_inputs(B, T, 2, N, seed=1), torch.float32))
-    s0 = leaf(random_state(B if bounds is None else len(bounds) - 1, 2, N).to(DEV))
-    cu = None if bounds is None else torch.tensor(bounds, device=DEV)
-    run = lambda: wkv7_triton(*x.values(), scale=0.5, initial_state=s0, output_final_state=True,  # noqa: E731
-                              cu_seqlens=cu)
-    fused = outputs_and_grads(run, {**x, "s0": s0})
-    monkeypatch.setattr(wkv7, "SPLIT_FORWARD", True)
-    monkeypatch.setattr(wkv7, "WALK_BV", 16)
-    assert_all_close(outputs_and_grads(run, {**x, "s0": s0}), fused, EXACT)
-
-
 def test_segment_plan_layout(monkeypatch):
     """Segments of SEGMENT_CHUNKS chunks on the flattened token axis; each sequence's first segment
     and each segment's first chunk; an empty packed sequence keeps one empty segment. Without a fixed
@@ -252,19 +228,6 @@ def test_full_size_matches_reference_gpu(name, dtype, N, segmented, monkeypatch)
 
     monkeypatch.setattr(walk, "SEGMENT_BELOW", 1e9 if segmented else 0)
     compare_with_reference(name, 2, 1000, 256 // N, N, dtype=dtype, scale=N ** -0.5)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("segmented", [False, True])
-def test_split_forward_full_size_matches_reference_gpu(dtype, segmented, monkeypatch):
-    """WKV-7 with SPLIT_FORWARD at T = 1000 on CUDA, one walk per sequence or segments."""
-    import kernels.wkv7_triton as wkv7
-    import kernels.wkv_triton_walk as walk
-
-    monkeypatch.setattr(wkv7, "SPLIT_FORWARD", True)
-    monkeypatch.setattr(walk, "SEGMENT_BELOW", 1e9 if segmented else 0)
-    compare_with_reference("wkv7", 2, 1000, 4, 64, dtype=dtype, scale=0.125)
 
 
 @pytest.mark.gpu
