@@ -195,13 +195,22 @@ def wkv7_bwd_state_kernel(
     m_i = o_t[:, None] >= o_t[None, :]
     b_ds = tl.zeros([K, BV], dtype=tl.float32)
     NT = tl.cdiv(eos - bos, BT)
+    i_p = tl.maximum(NT - 1, 0)  # prefetch as in wkv7_bwd_kernel (H100: 1.17 -> 1.10 ms at (1, 65536, 16, 64))
+    n_r = load_chunk_raw(r, bos, eos, i_h, i_p, 0, H, K, BT, K)
+    n_w = load_chunk_raw(w, bos, eos, i_h, i_p, 0, H, K, BT, K)
+    n_a = load_chunk_raw(a, bos, eos, i_h, i_p, 0, H, K, BT, K)
+    n_b = load_chunk_raw(b, bos, eos, i_h, i_p, 0, H, K, BT, K)
+    n_do = load_chunk_raw(do, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
     for j in range(NT):
         i_t = NT - 1 - j
-        b_r = load_chunk(r, bos, eos, i_h, i_t, 0, H, K, BT, K) * scale  # [BT, K]; k is not needed here
-        b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_a = load_chunk(a, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_b = load_chunk(b, bos, eos, i_h, i_t, 0, H, K, BT, K)
-        b_do = load_chunk(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV)  # [BT, BV]
+        b_r, b_w = n_r.to(tl.float32) * scale, n_w.to(tl.float32)  # [BT, K]; k is not needed here
+        b_a, b_b, b_do = n_a.to(tl.float32), n_b.to(tl.float32), n_do.to(tl.float32)  # b_do [BT, BV]
+        i_p = tl.maximum(i_t - 1, 0)
+        n_r = load_chunk_raw(r, bos, eos, i_h, i_p, 0, H, K, BT, K)
+        n_w = load_chunk_raw(w, bos, eos, i_h, i_p, 0, H, K, BT, K)
+        n_a = load_chunk_raw(a, bos, eos, i_h, i_p, 0, H, K, BT, K)
+        n_b = load_chunk_raw(b, bos, eos, i_h, i_p, 0, H, K, BT, K)
+        n_do = load_chunk_raw(do, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_bt = b_b * e_ng
         b_Ti = unit_tril_inverse(intra(b_a * e_ge, b_bt, m_s, PREC), BT, LOG2_BT, INV_PREC)
