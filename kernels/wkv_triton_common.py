@@ -164,11 +164,26 @@ def chunk_decays(b_w):
     Returns e^{g_BT} [K] and, each [BT, K]: e^{g}, e^{g - w} (exclusive: a_t meets S_{t-1}), e^{-g},
     the same two measured from the chunk start (e^{G}, e^{G - w}), and e^{G_BT - G} to the chunk end.
     """
-    b_G = tl.cumsum(b_w, axis=0)  # [BT, K] inclusive log decay from the chunk start
-    b_Gl = tl.sum(b_w, axis=0)  # [K]
-    b_g = b_G - 0.5 * b_Gl[None, :]
+    b_G, b_Gl, b_g = _log_decays(b_w)
     return (tl.exp(b_Gl), tl.exp(b_g), tl.exp(b_g - b_w), tl.exp(-b_g), tl.exp(b_G), tl.exp(b_G - b_w),
             tl.exp(b_Gl[None, :] - b_G))
+
+
+@triton.jit
+def chunk_decays_ref(b_w):
+    """chunk_decays' factors with fewer live tiles: e^{g_BT} [K], e^{ref} [1, K], e^{g}, e^{g - w}, e^{-g}.
+    The other three are these times e^{ref}: e^{G} = e^{g} e^{ref}, e^{G - w} = e^{g - w} e^{ref},
+    e^{G_BT - G} = e^{-g} e^{ref} (ref <= 0: the products never overflow)."""
+    _, b_Gl, b_g = _log_decays(b_w)
+    return tl.exp(b_Gl), tl.exp(0.5 * b_Gl)[None, :], tl.exp(b_g), tl.exp(b_g - b_w), tl.exp(-b_g)
+
+
+@triton.jit
+def _log_decays(b_w):
+    """Inclusive log decay from the chunk start G [BT, K], the chunk's total G_BT [K], g = G - G_BT / 2."""
+    b_G = tl.cumsum(b_w, axis=0)
+    b_Gl = tl.sum(b_w, axis=0)
+    return b_G, b_Gl, b_G - 0.5 * b_Gl[None, :]
 
 
 @triton.jit
