@@ -82,19 +82,19 @@ def wkv7_fwd_kernel(
             b_v = load_chunk(v, bos, eos, i_h, i_t, i_v % NV, H, V, BT, BV) * v_on  # [BT, BV]
         else:
             b_v = load_chunk(v, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
-        e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
+        e_gl, e_ref, e_g, e_ge, e_ng = chunk_decays_ref(b_w)
         b_rt, b_at, b_bt, b_kt = b_r * e_g, b_a * e_ge, b_b * e_ng, b_k * e_ng  # [BT, K]
         b_Aab, b_Aak = intra(b_at, b_bt, m_s, PREC), intra(b_at, b_kt, m_s, PREC)  # [BT, BT]
         b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT, INV_PREC)
-        b_x = tl.dot(b_a * e_Ge, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC)
+        b_x = tl.dot(b_at * e_ref, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC)
         b_u = tl.dot(b_Ti, b_x, input_precision=PREC)  # [BT, BV] rows u_t = S_{t-1}^T a_t
         if not TRANSITION:
-            b_o = (tl.dot(b_r * e_G, b_s, input_precision=PREC)
+            b_o = (tl.dot(b_rt * e_ref, b_s, input_precision=PREC)
                    + tl.dot(intra(b_rt, b_bt, m_i, PREC), b_u, input_precision=PREC)
                    + tl.dot(intra(b_rt, b_kt, m_i, PREC), b_v, input_precision=PREC))  # [BT, BV]
             store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
-        b_s = (e_gl[:, None] * b_s + tl.dot(tl.trans(b_b * e_h), b_u, input_precision=PREC)
-               + tl.dot(tl.trans(b_k * e_h), b_v, input_precision=PREC))  # [K, BV]
+        b_s = (e_gl[:, None] * b_s + tl.dot(tl.trans(b_bt * e_ref), b_u, input_precision=PREC)
+               + tl.dot(tl.trans(b_kt * e_ref), b_v, input_precision=PREC))  # [K, BV]
     walk_end(ht, b_s, i_nh, i_v, K, V, BV, STORE_HT, TRANSITION)
 
 
