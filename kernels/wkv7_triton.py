@@ -184,6 +184,17 @@ def wkv7_bwd_kernel(
 
 
 @triton.jit
+def _load_state_walk_raw(r, w, a, b, do, bos, eos, i_h, i_t, i_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BT: tl.constexpr, BV: tl.constexpr):
+    """What the dS-only walk reads of chunk i_t, as stored: r, w, a, b [BT, K] and do [BT, BV]."""
+    return (load_chunk_raw(r, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(w, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(a, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(b, bos, eos, i_h, i_t, 0, H, K, BT, K),
+            load_chunk_raw(do, bos, eos, i_h, i_t, i_v, H, V, BT, BV))
+
+
+@triton.jit
 def wkv7_bwd_state_kernel(
     r, w, a, b, do, ds0, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr, BV: tl.constexpr,
@@ -200,21 +211,13 @@ def wkv7_bwd_state_kernel(
     b_ds = tl.zeros([K, BV], dtype=tl.float32)
     NT = tl.cdiv(eos - bos, BT)
     i_p = tl.maximum(NT - 1, 0)  # prefetch as in wkv7_bwd_kernel (H100: 1.17 -> 1.10 ms at (1, 65536, 16, 64))
-    n_r = load_chunk_raw(r, bos, eos, i_h, i_p, 0, H, K, BT, K)
-    n_w = load_chunk_raw(w, bos, eos, i_h, i_p, 0, H, K, BT, K)
-    n_a = load_chunk_raw(a, bos, eos, i_h, i_p, 0, H, K, BT, K)
-    n_b = load_chunk_raw(b, bos, eos, i_h, i_p, 0, H, K, BT, K)
-    n_do = load_chunk_raw(do, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
+    n_r, n_w, n_a, n_b, n_do = _load_state_walk_raw(r, w, a, b, do, bos, eos, i_h, i_p, i_v, H, K, V, BT, BV)
     for j in range(NT):
         i_t = NT - 1 - j
         b_r, b_w = n_r.to(tl.float32) * scale, n_w.to(tl.float32)  # [BT, K]; k is not needed here
         b_a, b_b, b_do = n_a.to(tl.float32), n_b.to(tl.float32), n_do.to(tl.float32)  # b_do [BT, BV]
         i_p = tl.maximum(i_t - 1, 0)
-        n_r = load_chunk_raw(r, bos, eos, i_h, i_p, 0, H, K, BT, K)
-        n_w = load_chunk_raw(w, bos, eos, i_h, i_p, 0, H, K, BT, K)
-        n_a = load_chunk_raw(a, bos, eos, i_h, i_p, 0, H, K, BT, K)
-        n_b = load_chunk_raw(b, bos, eos, i_h, i_p, 0, H, K, BT, K)
-        n_do = load_chunk_raw(do, bos, eos, i_h, i_p, i_v, H, V, BT, BV)
+        n_r, n_w, n_a, n_b, n_do = _load_state_walk_raw(r, w, a, b, do, bos, eos, i_h, i_p, i_v, H, K, V, BT, BV)
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
         b_bt = b_b * e_ng
         b_Ti = unit_tril_inverse(intra(b_a * e_ge, b_bt, m_s, PREC), BT, LOG2_BT, INV_PREC)
