@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, dot_precision, intra, load_chunk, partial_grad, reduce_parts,
+    block_v, check_inputs, chunk_decays, dot_precision, grad_wanted, intra, load_chunk, partial_grad, reduce_parts,
     reverse_cumsum, seq_bounds, state_ptr, store_chunk, walk_end, walk_start,
 )
 from kernels.wkv_triton_walk import walk_backward, walk_forward
@@ -204,8 +204,7 @@ def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):
 
 class _WKV6(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, k, v, w, u, initial_state, scale, output_final_state, cu_seqlens):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, r, k, v, w, u, initial_state, scale, output_final_state, cu_seqlens, save):
         o, ht, saved = _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save)
         if save:
             ctx.save_for_backward(r, k, v, w, u, cu_seqlens)
@@ -217,7 +216,7 @@ class _WKV6(torch.autograd.Function):
         r, k, v, w, u, cu_seqlens = ctx.saved_tensors
         dht = None if dht is None else dht.contiguous()
         grads = _bwd(r, k, v, w, u, do, dht, ctx.walk, ctx.scale, cu_seqlens, ctx.has_h0)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def _check_u(name: str, u: Tensor, H: int, N: int) -> None:
@@ -241,7 +240,8 @@ def wkv6_triton(
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     r, k, v, w, u = (x.contiguous() for x in (r, k, v, w, u))
-    return _WKV6.apply(r, k, v, w, u, initial_state, float(scale), output_final_state, cu_seqlens)
+    save = grad_wanted(r, k, v, w, u, initial_state)
+    return _WKV6.apply(r, k, v, w, u, initial_state, float(scale), output_final_state, cu_seqlens, save)
 
 
 def wkv6_step_triton(

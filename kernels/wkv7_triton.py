@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, chunk_decays_ref, dot_precision, intra, inverse_precision, load_chunk,
+    block_v, check_inputs, chunk_decays, chunk_decays_ref, dot_precision, grad_wanted, intra, inverse_precision, load_chunk,
     load_chunk_raw, partial_grad, reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk, unit_tril_inverse,
     walk_end, walk_start,
 )
@@ -288,8 +288,7 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
 
 class _WKV7(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, r, w, k, v, a, b, initial_state, scale, output_final_state, cu_seqlens):
-        save = any(ctx.needs_input_grad)
+    def forward(ctx, r, w, k, v, a, b, initial_state, scale, output_final_state, cu_seqlens, save):
         o, ht, saved = _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save)
         if save:
             ctx.save_for_backward(r, w, k, v, a, b, cu_seqlens)
@@ -301,7 +300,7 @@ class _WKV7(torch.autograd.Function):
         r, w, k, v, a, b, cu_seqlens = ctx.saved_tensors
         dht = None if dht is None else dht.contiguous()
         grads = _bwd(r, w, k, v, a, b, do, dht, ctx.walk, ctx.scale, cu_seqlens, ctx.has_h0)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def wkv7_triton(
@@ -319,7 +318,8 @@ def wkv7_triton(
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-    return _WKV7.apply(r, w, k, v, a, b, initial_state, float(scale), output_final_state, cu_seqlens)
+    save = grad_wanted(r, w, k, v, a, b, initial_state)
+    return _WKV7.apply(r, w, k, v, a, b, initial_state, float(scale), output_final_state, cu_seqlens, save)
 
 
 def wkv7_step_triton(

@@ -47,6 +47,12 @@ def check_inputs(
     return B, T, H, N, n_seq
 
 
+def grad_wanted(*xs: Tensor | None) -> bool:
+    """Whether autograd will ask for a backward: inside autograd.Function.forward, ctx.needs_input_grad
+    is True under torch.no_grad too, and the forward would then save a state per chunk for nothing."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
 def chunk_layout(T: int, n_seq: int, cu_seqlens: Tensor | None, BT: int) -> tuple[Tensor | None, int]:
     """Index of each sequence's first chunk ([n_seq + 1] int32, None when not packed) and the chunk count."""
     if cu_seqlens is None:
