@@ -9,6 +9,7 @@ over the (M, D) of each sequence's segments gives every segment's start state (k
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -28,7 +29,7 @@ MIN_SEGMENT_CHUNKS = 8  # shorter segments add scan steps and launches for littl
 SEGMENT_CHUNKS: int | None = None  # fixed segment length in chunks (tests); None: chosen per call
 
 
-@dataclass
+@dataclass(frozen=True)
 class Segments:
     """Sequences cut into segments, each run as a packed sequence of its own."""
 
@@ -36,6 +37,7 @@ class Segments:
     first: Tensor  # [n_seq + 1] int32 index of each sequence's first segment
     chunk_offsets: Tensor  # [n + 1] int32 index of each segment's first chunk
     n: int
+    n_chunks: int
 
 
 def sm_count(device: torch.device) -> int | None:
@@ -59,19 +61,26 @@ def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int
     else:
         return None
     if cu_seqlens is None:
-        starts = [i * T for i in range(n_seq)]
-        ends = [start + T for start in starts]
+        bounds = tuple(i * T for i in range(n_seq + 1))
     else:
-        bounds = cu_seqlens.tolist()
-        starts, ends = bounds[:-1], bounds[1:]
-    cu, first = [], [0]
-    for bos, eos in zip(starts, ends):
-        cu += list(range(bos, max(eos, bos + 1), seg_chunks * BT))  # an empty sequence keeps one segment
+        bounds = tuple(cu_seqlens.tolist())
+    return _cut(bounds, seg_chunks, BT, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cut(bounds: tuple[int, ...], seg_chunks: int, BT: int, device: torch.device) -> Segments:
+    """The segments of sequences [bounds[i], bounds[i+1]), laid out on the host and copied to the
+    device once per layout: a copy or a read-back per call would stall the launch queue each step."""
+    cu, first, chunk_offsets = [], [0], [0]
+    for bos, eos in zip(bounds[:-1], bounds[1:]):
+        starts = list(range(bos, max(eos, bos + 1), seg_chunks * BT))  # an empty sequence keeps one segment
+        for start, end in zip(starts, starts[1:] + [eos]):
+            chunk_offsets.append(chunk_offsets[-1] + math.ceil(max(end - start, 0) / BT))
+        cu += starts
         first.append(len(cu))
-    cu.append(ends[-1])
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=device)
-    chunk_offsets, _ = chunk_layout(cu[-1], len(cu) - 1, cu_t, BT)
-    return Segments(cu_t, torch.tensor(first, dtype=torch.int32, device=device), chunk_offsets, len(cu) - 1)
+    cu.append(bounds[-1])
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    return Segments(as_tensor(cu), as_tensor(first), as_tensor(chunk_offsets), len(cu) - 1, chunk_offsets[-1])
 
 
 @triton.jit
@@ -147,15 +156,15 @@ def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None,
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     NV = N // block_v(N)
     seg = plan_segments(T, n_seq, cu_seqlens, H, NV, BT, x.device)
-    dm = ht = None
+    dm = None
     if seg is not None:  # every segment's map S_end = M S_start + D, then the start states by a scan
         dm = x.new_empty(seg.n, H, N, 2 * N, dtype=torch.float32)
         launch(None, None, dm, None, seg.cu, seg.chunk_offsets, (2 * NV, seg.n * H), True)
         initial_state, ht = scan_segments(dm, seg, n_seq, initial_state)
-        cu_seqlens, n_seq = seg.cu, seg.n
-    elif output_final_state:
-        ht = x.new_empty(n_seq, H, N, N, dtype=torch.float32)
-    chunk_offsets, n_chunks = chunk_layout(T, n_seq, cu_seqlens, BT)
+        cu_seqlens, n_seq, chunk_offsets, n_chunks = seg.cu, seg.n, seg.chunk_offsets, seg.n_chunks
+    else:
+        ht = x.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
+        chunk_offsets, n_chunks = chunk_layout(T, n_seq, cu_seqlens, BT)
     o = x.new_empty(B, T, H, N)
     hs = x.new_empty(n_chunks, H, N, N, dtype=torch.float32) if save else None
     launch(o, initial_state, ht if seg is None else None, hs, cu_seqlens, chunk_offsets, (NV, n_seq * H), False)

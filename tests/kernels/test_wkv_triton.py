@@ -7,6 +7,7 @@ full sizes on CUDA. Every check covers o, the final state and every gradient (in
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from kernels.reference import wkv6_reference, wkv7_reference
 from kernels.wkv6_triton import wkv6_step_triton, wkv6_triton
 from kernels.wkv7_triton import wkv7_step_triton, wkv7_triton
+from kernels.wkv_triton_walk import walk_forward
 from tests.kernels.conftest import (
     WKV6_LOG_DECAY_MIN,
     WKV7_LOG_DECAY_MIN,
@@ -165,9 +167,11 @@ def test_segment_plan_layout(monkeypatch):
     monkeypatch.setattr(walk, "SEGMENT_CHUNKS", 2)
     seg = walk.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu"))
     assert seg.cu.tolist() == [0, 32, 64, 70, 102, 134, 140] and seg.first.tolist() == [0, 3, 6]
-    assert seg.chunk_offsets.tolist() == [0, 2, 4, 5, 7, 9, 10] and seg.n == 6
+    assert seg.chunk_offsets.tolist() == [0, 2, 4, 5, 7, 9, 10] and seg.n == 6 and seg.n_chunks == 10
+    assert walk.plan_segments(70, 2, None, 2, 1, 16, torch.device("cpu")) is seg  # laid out once, then reused
     seg = walk.plan_segments(40, 3, torch.tensor([0, 5, 5, 40]), 2, 1, 16, torch.device("cpu"))
     assert seg.cu.tolist() == [0, 5, 5, 37, 40] and seg.first.tolist() == [0, 1, 2, 4]
+    assert seg.chunk_offsets.tolist() == [0, 1, 1, 3, 4] and seg.n_chunks == 4
 
 
 def test_segment_plan_fills_the_gpu(monkeypatch):
@@ -182,6 +186,28 @@ def test_segment_plan_fills_the_gpu(monkeypatch):
     assert seg.n == 2 * 32 and seg.n * 16 <= 8 * 132 and (seg.cu[1] - seg.cu[0]).item() == 32 * 16
     seg = walk.plan_segments(300, 1, None, 16, 1, 16, cpu)
     assert (seg.cu[1] - seg.cu[0]).item() == 8 * 16 and seg.n == 3
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_forward_saves_states_only_for_a_backward(name, monkeypatch):
+    """Under no_grad, or with no input requiring grad, the walk keeps no chunk-start states (16 bytes
+    per element written for nothing); with grad it does. The output is the same either way."""
+    module = importlib.import_module(f"kernels.{name}_triton")
+    saves = []
+
+    def spy(*args):
+        saves.append(args[-2])
+        return walk_forward(*args)
+
+    monkeypatch.setattr(module, "walk_forward", spy)
+    op = OPS[name][0]
+    x = on_device(OPS[name][2](1, 20, 2, 16), torch.float32)
+    plain = op(*x.values())[0]
+    with torch.no_grad():
+        no_grad = op(*leaves(x).values())[0]
+    with_grad = op(*leaves(x).values())[0]
+    assert saves == [False, False, True]
+    assert torch.equal(plain, no_grad) and torch.equal(plain, with_grad.detach())
 
 
 STEPS = {"wkv7": wkv7_step_triton, "wkv6": wkv6_step_triton}
