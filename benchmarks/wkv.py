@@ -42,7 +42,13 @@ VARIANTS = {
     # the triangular inverse's dots for half inputs: IEEE fp32 (v3.3) or tf32x3 instead of tf32
     "inv_ieee": dict(HALF_INVERSE_PRECISION="ieee"),
     "inv_tf32x3": dict(HALF_INVERSE_PRECISION="tf32x3"),
+    # the forward with no backward to follow (the no_grad column) in 32-token chunks; their
+    # forward+backward is the default's, so it is not timed (INFERENCE_ONLY). 64-token chunks spill
+    # 1 KB at 8 warps (local sm_90 report) and are not offered
+    "infer32": dict(INFER_BT=32, INFER_WARPS=4),
+    "infer32_w8": dict(INFER_BT=32, INFER_WARPS=8),
 }
+INFERENCE_ONLY = {"infer32", "infer32_w8"}
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -68,10 +74,12 @@ def wkv6_inputs(B, T, H, N):
     return xs + [torch.randn(H, N, device="cuda").bfloat16().requires_grad_()]
 
 
-def bench(fn, xs) -> tuple[float, float]:
-    """(forward ms, forward+backward ms), medians; fn(*xs) returns the output."""
+def bench(fn, xs, backward: bool = True) -> tuple[float, float]:
+    """(forward ms, forward+backward ms, nan unless backward), medians; fn(*xs) returns the output."""
     with torch.no_grad():
         fwd = do_bench(lambda: fn(*xs), return_mode="median")
+    if not backward:
+        return fwd, math.nan
     do = torch.randn_like(fn(*xs))
 
     def step():
@@ -215,10 +223,11 @@ def main() -> None:
         if time.time() - t_start > args.budget_s:
             print(f"budget spent: skipping {name} {shape} and the rest", flush=True)
             break
-        old = set_variant(name.split("_", 1)[1]) if name.startswith("ours") else {}
+        variant = name.split("_", 1)[1] if name.startswith("ours") else None
+        old = set_variant(variant) if variant else {}
         t0 = time.time()
         try:  # one failing anchor (e.g. an fla version change) must not lose the other measurements
-            out["results"][str(shape)][name] = bench(*make())
+            out["results"][str(shape)][name] = bench(*make(), backward=variant not in INFERENCE_ONLY)
         except (RuntimeError, ValueError, AssertionError, TypeError) as err:
             print(f"{name} {shape} failed: {err!r}", flush=True)
             continue

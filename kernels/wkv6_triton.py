@@ -26,6 +26,10 @@ from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
+INFER_BT, INFER_WARPS = 16, 4  # a forward no backward follows: as in kernels/wkv7_triton.py
+# chunk factors reach e^{|g_BT| / 2} (kernels/NOTES.md): with |w| <= 5 that is e^80 at 32 rows, past fp32's
+# e^88 beyond
+MAX_BT = 32
 
 
 @triton.jit
@@ -164,16 +168,19 @@ def wkv6_step_kernel(r, k, v, w, u, s, o, s_new, scale, H: tl.constexpr, K: tl.c
 
 def _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save):
     N = r.shape[-1]
+    bt, warps = (BT, FWD_WARPS) if save else (INFER_BT, INFER_WARPS)
+    if bt > MAX_BT:
+        raise ValueError(f"wkv6_triton: chunk length {bt} overflows fp32 at log w = -5; valid: <= {MAX_BT}")
 
     def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
         wkv6_fwd_kernel[grid](
             r, k, v, w, u, o, h0, ht, hs, cu, chunk_offsets, scale, r.shape[1],
-            H=r.shape[2], K=N, V=N, BT=BT, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
+            H=r.shape[2], K=N, V=N, BT=bt, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
             STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
-            num_warps=FWD_WARPS,
+            num_warps=warps,
         )
 
-    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
+    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, bt)
 
 
 def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):

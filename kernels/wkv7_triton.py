@@ -30,6 +30,9 @@ from kernels.wkv_triton_walk import walk_backward, walk_forward
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
 LOG2_BT = 4
+# A forward that no backward follows (inference, evaluation) keeps no chunk-start states, so its chunk
+# length need not match the backward's
+INFER_BT, INFER_WARPS = 16, 4
 
 
 @triton.jit
@@ -250,16 +253,17 @@ def wkv7_step_kernel(r, w, k, v, a, b, s, o, s_new, scale, K: tl.constexpr, V: t
 
 def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save):
     _, T, H, N = r.shape
+    bt, warps = (BT, FWD_WARPS) if save else (INFER_BT, INFER_WARPS)
 
     def launch(o, h0, ht, hs, cu, chunk_offsets, grid, transition):
         wkv7_fwd_kernel[grid](
-            r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, T, H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT,
-            BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None, STORE_HS=hs is not None,
-            TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
-            INV_PREC=inverse_precision(r.dtype), num_warps=FWD_WARPS,
+            r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, T, H=H, K=N, V=N, BT=bt,
+            LOG2_BT=bt.bit_length() - 1, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
+            STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
+            INV_PREC=inverse_precision(r.dtype), num_warps=warps,
         )
 
-    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, BT)
+    return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, bt)
 
 
 def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):

@@ -210,6 +210,33 @@ def test_forward_saves_states_only_for_a_backward(name, monkeypatch):
     assert torch.equal(plain, no_grad) and torch.equal(plain, with_grad.detach())
 
 
+@pytest.mark.parametrize("name,bt", [("wkv7", 32), ("wkv6", 32)])
+@pytest.mark.parametrize("seg_chunks", [None, 2])
+def test_inference_chunk_lengths_match_reference(name, bt, seg_chunks, monkeypatch):
+    """The forward that no backward follows, in longer chunks (INFER_BT): o and s_T against the fp64
+    reference at fp32 inputs, packed sequences (empty, shorter than a chunk, not a chunk multiple), a
+    share of decays exactly at the lower bound, with and without segments. WKV-6 refuses 64 rows."""
+    import kernels.wkv_triton_walk as walk
+
+    module = importlib.import_module(f"kernels.{name}_triton")
+    monkeypatch.setattr(module, "INFER_BT", bt)
+    monkeypatch.setattr(walk, "SEGMENT_CHUNKS", seg_chunks)
+    op, reference, make_inputs, low = OPS[name]
+    bounds = [0, 7, 7, 150, 230]
+    x = on_device(make_inputs(1, bounds[-1], 2, 16, seed=bt, decay=(low, -1e-6), lower_bound_share=0.3),
+                  torch.float32)
+    s0 = random_state(len(bounds) - 1, 2, 16).to(DEV)
+    kw = dict(initial_state=s0, output_final_state=True, cu_seqlens=torch.tensor(bounds, device=DEV), scale=0.5)
+    with torch.no_grad():
+        o, s_T = op(*x.values(), **kw)
+    o_ref, s_ref = reference(*(t.double() for t in x.values()), **{**kw, "initial_state": s0.double()})
+    assert_all_close({"o": o, "s_T": s_T}, {"o": o_ref, "s_T": s_ref}, TOL[torch.float32])
+    if name == "wkv6":
+        monkeypatch.setattr(module, "INFER_BT", 64)
+        with pytest.raises(ValueError, match="chunk length 64"), torch.no_grad():
+            op(*x.values(), **kw)
+
+
 STEPS = {"wkv7": wkv7_step_triton, "wkv6": wkv6_step_triton}
 
 
