@@ -61,18 +61,24 @@ def main() -> None:
     half7 = {"r", "w", "k", "v", "a", "b", "o", "do", "dv"}
     half6 = {"r", "k", "v", "w", "u", "o", "do", "dv"}
     fwd_flags = dict(USE_H0=False, STORE_HT=False, IS_VARLEN=False)
+    infer7 = dict(shape7, BT=wkv7.INFER_BT, LOG2_BT=wkv7.INFER_BT.bit_length() - 1)
+    maps = dict(fwd_flags, IS_VARLEN=True, STORE_HS=False, TRANSITION=True)
     runs = [
         ("wkv7 fwd (inference)", wkv7.wkv7_fwd_kernel, half7,
-         dict(shape7, **fwd_flags, STORE_HS=False, TRANSITION=False), wkv7.FWD_WARPS),
+         dict(infer7, **fwd_flags, STORE_HS=False, TRANSITION=False, STORE_O=True), wkv7.INFER_WARPS),
+        ("wkv7 fwd (inference maps)", wkv7.wkv7_fwd_kernel, half7, dict(infer7, **maps, STORE_O=True),
+         wkv7.INFER_WARPS),
         ("wkv7 fwd (training)", wkv7.wkv7_fwd_kernel, half7,
-         dict(shape7, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv7.FWD_WARPS),
-        ("wkv7 fwd (segment maps)", wkv7.wkv7_fwd_kernel, half7,
-         dict(shape7, **dict(fwd_flags, IS_VARLEN=True), STORE_HS=False, TRANSITION=True), wkv7.FWD_WARPS),
+         dict(shape7, **fwd_flags, STORE_HS=True, TRANSITION=False, STORE_O=True), wkv7.FWD_WARPS),
+        ("wkv7 fwd (segment maps)", wkv7.wkv7_fwd_kernel, half7, dict(shape7, **maps, STORE_O=False),
+         wkv7.FWD_WARPS),
         ("wkv7 bwd", wkv7.wkv7_bwd_kernel, half7,
          dict(shape7, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv7.BWD_WARPS),
         ("wkv7 bwd_state", wkv7.wkv7_bwd_state_kernel, half7, dict(shape7), wkv7.FWD_WARPS),
+        ("wkv6 fwd (inference)", wkv6.wkv6_fwd_kernel, half6,
+         dict(shape, **fwd_flags, BT=wkv6.INFER_BT, STORE_HS=False, TRANSITION=False, STORE_O=True), wkv6.INFER_WARPS),
         ("wkv6 fwd (training)", wkv6.wkv6_fwd_kernel, half6,
-         dict(shape, **fwd_flags, STORE_HS=True, TRANSITION=False), wkv6.FWD_WARPS),
+         dict(shape, **fwd_flags, STORE_HS=True, TRANSITION=False, STORE_O=True), wkv6.FWD_WARPS),
         ("wkv6 bwd", wkv6.wkv6_bwd_kernel, half6,
          dict(shape, USE_DHT=False, STORE_DH0=False, IS_VARLEN=False), wkv6.BWD_WARPS),
     ]

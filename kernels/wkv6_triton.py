@@ -20,13 +20,15 @@ from torch import Tensor
 
 from kernels.wkv_triton_common import (
     block_v, check_inputs, chunk_decays, dot_precision, grad_wanted, intra, load_chunk, partial_grad, reduce_parts,
-    reverse_cumsum, seq_bounds, state_ptr, store_chunk, walk_end, walk_start,
+    reverse_cumsum, seq_bounds, state_ptr, store_chunk, store_output, walk_end, walk_start,
 )
 from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
-INFER_BT, INFER_WARPS = 16, 4  # a forward no backward follows: as in kernels/wkv7_triton.py
+# a forward no backward follows, as in kernels/wkv7_triton.py: 32-token chunks measured 1.19x to 1.30x
+# faster than 16 at the four benchmark shapes (H200, kernels/NOTES.md v3.9)
+INFER_BT, INFER_WARPS = 32, 4
 # chunk factors reach e^{|g_BT| / 2} (kernels/NOTES.md): with |w| <= 5 that is e^80 at 32 rows, past fp32's
 # e^88 beyond
 MAX_BT = 32
@@ -37,10 +39,11 @@ def wkv6_fwd_kernel(
     r, k, v, w, u, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
     USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr, TRANSITION: tl.constexpr,
-    IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    STORE_O: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
 ):
     """Walk the chunks in order carrying S [K, BV]; STORE_HS keeps each chunk-start state for the
-    backward. TRANSITION (segments, no output): as in wkv7_fwd_kernel, ht [n, H, K, V + K] gets [D | M]."""
+    backward. TRANSITION (segments): as in wkv7_fwd_kernel, ht [n, H, K, V + K] gets [D | M], and
+    with STORE_O, o [*, H, V + K] fp32 gets the segment-local outputs and Q."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -57,12 +60,12 @@ def wkv6_fwd_kernel(
         b_w = load_chunk(w, bos, eos, i_h, i_t, 0, H, K, BT, K)
         b_v = load_chunk(v, bos, eos, i_h, i_t, i_v % NV, H, V, BT, BV) * v_on  # [BT, BV]
         e_gl, e_g, e_ge, e_ng, e_G, e_Ge, e_h = chunk_decays(b_w)
-        if not TRANSITION:
+        if STORE_O:
             b_bonus = tl.sum(b_r * b_u[None, :] * b_k, axis=1)  # [BT]
             b_A = (intra(b_r * e_ge, b_k * e_ng, m_s, PREC)
                    + tl.where(o_t[:, None] == o_t[None, :], b_bonus[:, None], 0.0))
             b_o = tl.dot(b_r * e_Ge, b_s, input_precision=PREC) + tl.dot(b_A, b_v, input_precision=PREC)  # [BT, BV]
-            store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
+            store_output(o, b_o, bos, eos, i_h, i_t, i_v, H, K, V, BT, BV, TRANSITION)
         b_s = e_gl[:, None] * b_s + tl.dot(tl.trans(b_k * e_h), b_v, input_precision=PREC)  # [K, BV]
     walk_end(ht, b_s, i_nh, i_v, K, V, BV, STORE_HT, TRANSITION)
 
@@ -176,8 +179,8 @@ def _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, sa
         wkv6_fwd_kernel[grid](
             r, k, v, w, u, o, h0, ht, hs, cu, chunk_offsets, scale, r.shape[1],
             H=r.shape[2], K=N, V=N, BT=bt, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
-            STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
-            num_warps=warps,
+            STORE_HS=hs is not None, TRANSITION=transition, STORE_O=o is not None, IS_VARLEN=cu is not None,
+            PREC=dot_precision(r.dtype), num_warps=warps,
         )
 
     return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, bt)

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from kernels.wkv_triton_common import (
     block_v, check_inputs, chunk_decays, chunk_decays_ref, dot_precision, grad_wanted, intra, inverse_precision, load_chunk,
-    load_chunk_raw, partial_grad, reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk, unit_tril_inverse,
+    load_chunk_raw, partial_grad, reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk, store_output,
+    unit_tril_inverse,
     walk_end, walk_start,
 )
 from kernels.wkv_triton_walk import walk_backward, walk_forward
@@ -63,12 +64,14 @@ def wkv7_fwd_kernel(
     r, w, k, v, a, b, o, h0, ht, hs, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, LOG2_BT: tl.constexpr,
     BV: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr,
-    TRANSITION: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr,
+    TRANSITION: tl.constexpr, STORE_O: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
+    INV_PREC: tl.constexpr,
 ):
     """Walk the chunks in order carrying S [K, BV]; STORE_HS keeps each chunk-start state for the
-    backward. TRANSITION (segments, no output): programs
-    i_v >= V / BV carry identity columns with v = 0, so ht [n, H, K, V + K] receives [D | M] of
-    S_end = M S_start + D (the V-columns start from zero)."""
+    backward. TRANSITION (segments): programs i_v >= V / BV carry identity columns with v = 0, so
+    ht [n, H, K, V + K] receives [D | M] of S_end = M S_start + D (the V-columns start from zero);
+    with STORE_O their outputs go to o [*, H, V + K] fp32: the segment-local outputs and Q, with
+    o = local + Q S_start (kernels/wkv_triton_walk.py)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, c0 = seq_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -91,11 +94,11 @@ def wkv7_fwd_kernel(
         b_Ti = unit_tril_inverse(b_Aab, BT, LOG2_BT, INV_PREC)
         b_x = tl.dot(b_at * e_ref, b_s, input_precision=PREC) + tl.dot(b_Aak, b_v, input_precision=PREC)
         b_u = tl.dot(b_Ti, b_x, input_precision=PREC)  # [BT, BV] rows u_t = S_{t-1}^T a_t
-        if not TRANSITION:
+        if STORE_O:
             b_o = (tl.dot(b_rt * e_ref, b_s, input_precision=PREC)
                    + tl.dot(intra(b_rt, b_bt, m_i, PREC), b_u, input_precision=PREC)
                    + tl.dot(intra(b_rt, b_kt, m_i, PREC), b_v, input_precision=PREC))  # [BT, BV]
-            store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
+            store_output(o, b_o, bos, eos, i_h, i_t, i_v, H, K, V, BT, BV, TRANSITION)
         b_s = (e_gl[:, None] * b_s + tl.dot(tl.trans(b_bt * e_ref), b_u, input_precision=PREC)
                + tl.dot(tl.trans(b_kt * e_ref), b_v, input_precision=PREC))  # [K, BV]
     walk_end(ht, b_s, i_nh, i_v, K, V, BV, STORE_HT, TRANSITION)
@@ -259,8 +262,8 @@ def _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
         wkv7_fwd_kernel[grid](
             r, w, k, v, a, b, o, h0, ht, hs, cu, chunk_offsets, scale, T, H=H, K=N, V=N, BT=bt,
             LOG2_BT=bt.bit_length() - 1, BV=block_v(N), USE_H0=h0 is not None, STORE_HT=ht is not None,
-            STORE_HS=hs is not None, TRANSITION=transition, IS_VARLEN=cu is not None, PREC=dot_precision(r.dtype),
-            INV_PREC=inverse_precision(r.dtype), num_warps=warps,
+            STORE_HS=hs is not None, TRANSITION=transition, STORE_O=o is not None, IS_VARLEN=cu is not None,
+            PREC=dot_precision(r.dtype), INV_PREC=inverse_precision(r.dtype), num_warps=warps,
         )
 
     return walk_forward(launch, v, initial_state, output_final_state, cu_seqlens, save, bt)

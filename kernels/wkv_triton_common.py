@@ -129,6 +129,17 @@ def store_chunk(x, b_x, bos, eos, i_h, i_t, i_d, H: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def store_output(o, b_o, bos, eos, i_h, i_t, i_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BT: tl.constexpr, BV: tl.constexpr, TRANSITION: tl.constexpr):
+    """A walk's output block: into o [*, H, V] or, in a transition pass, into o [*, H, V + K] where
+    value block i_v >= V / BV (the identity columns) lands in the last K columns."""
+    if TRANSITION:
+        store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V + K, BT, BV)
+    else:
+        store_chunk(o, b_o, bos, eos, i_h, i_t, i_v, H, V, BT, BV)
+
+
+@triton.jit
 def state_ptr(s, i_s, i_v, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
     """Pointers [K, BV] to columns [i_v*BV, (i_v+1)*BV) of state number i_s in a [*, K, V] tensor."""
     return s + i_s.to(tl.int64) * K * V + tl.arange(0, K)[:, None] * V + i_v * BV + tl.arange(0, BV)[None, :]

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.wkv_triton_common import block_v, chunk_layout, state_ptr
+from kernels.wkv_triton_common import block_v, chunk_layout, dot_precision, load_chunk, state_ptr, store_chunk
 
 SEGMENT_BELOW = 0.5  # segment when the (sequence, head, value block) programs are fewer than this x SMs
 # Cut into about this many x SMs programs: a backward program holds a whole SM (kernels/NOTES.md),
@@ -38,6 +38,7 @@ class Segments:
     chunk_offsets: Tensor  # [n + 1] int32 index of each segment's first chunk
     n: int
     n_chunks: int
+    max_chunks: int  # of one segment
 
 
 def sm_count(device: torch.device) -> int | None:
@@ -80,7 +81,8 @@ def _cut(bounds: tuple[int, ...], seg_chunks: int, BT: int, device: torch.device
         first.append(len(cu))
     cu.append(bounds[-1])
     as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    return Segments(as_tensor(cu), as_tensor(first), as_tensor(chunk_offsets), len(cu) - 1, chunk_offsets[-1])
+    return Segments(as_tensor(cu), as_tensor(first), as_tensor(chunk_offsets), len(cu) - 1, chunk_offsets[-1],
+                    max(b - a for a, b in zip(chunk_offsets, chunk_offsets[1:])))
 
 
 @triton.jit
@@ -131,6 +133,24 @@ def scan_segments(dm: Tensor, seg: Segments, n_seq: int, s0: Tensor | None,
     return out, s_last
 
 
+@triton.jit
+def segment_output_kernel(part, s_start, o, seg_cu, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                          BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """o = local + Q S_start for chunk i_c of one segment, one head and BV value columns. part [*, H, V + K]
+    fp32 holds a transition pass's outputs: the segment-local ones (from S = 0) and Q (from S = I, v = 0),
+    whose row t is r_t^T Phi_t, Phi_t the segment's transition up to t; so no second walk is needed."""
+    i_c, i_nh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(seg_cu + i_n).to(tl.int64)
+    eos = tl.load(seg_cu + i_n + 1).to(tl.int64)
+    if bos + i_c * BT < eos:
+        b_local = load_chunk(part, bos, eos, i_h, i_c, i_v, H, V + K, BT, BV)  # [BT, BV]
+        b_q = load_chunk(part, bos, eos, i_h, i_c, V // K, H, V + K, BT, K)  # [BT, K], columns V.. (V = K)
+        b_s = tl.load(state_ptr(s_start, i_nh, i_v, K, V, BV))  # [K, BV]
+        b_o = b_local + tl.dot(b_q, b_s, input_precision=PREC)
+        store_chunk(o, b_o, bos, eos, i_h, i_c, i_v, H, V, BT, BV)
+
+
 class Saved(NamedTuple):
     """What the forward walk keeps for the backward."""
 
@@ -159,8 +179,15 @@ def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None,
     dm = None
     if seg is not None:  # every segment's map S_end = M S_start + D, then the start states by a scan
         dm = x.new_empty(seg.n, H, N, 2 * N, dtype=torch.float32)
-        launch(None, None, dm, None, seg.cu, seg.chunk_offsets, (2 * NV, seg.n * H), True)
+        # with no backward to follow, the same pass writes the outputs as local + Q (segment_output_kernel)
+        part = None if save else x.new_empty(B, T, H, 2 * N, dtype=torch.float32)
+        launch(part, None, dm, None, seg.cu, seg.chunk_offsets, (2 * NV, seg.n * H), True)
         initial_state, ht = scan_segments(dm, seg, n_seq, initial_state)
+        if not save:
+            o = x.new_empty(B, T, H, N)
+            segment_output_kernel[(seg.max_chunks, seg.n * H, NV)](
+                part, initial_state, o, seg.cu, H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(x.dtype))
+            return o, (ht if output_final_state else None), Saved(None, None, seg, dm)
         cu_seqlens, n_seq, chunk_offsets, n_chunks = seg.cu, seg.n, seg.chunk_offsets, seg.n_chunks
     else:
         ht = x.new_empty(n_seq, H, N, N, dtype=torch.float32) if output_final_state else None
