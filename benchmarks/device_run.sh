@@ -20,5 +20,5 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 timeout $((${2:-300} + 150)) python3 benchmarks/wkv.py --out "$OUT/wkv.json" --variants "${1:-default}" \
     --budget_s "${2:-300}" 2>&1 | tee "$OUT/bench.log"
 (cd .triton-cache && find . -name '*.autotune.json' | tar czf "$OUT/autotune.tgz" -T -)
-[ "${3:-triton}" = - ] || timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -k "${3:-triton}" tests/kernels/test_wkv_triton.py \
+[ "${3:-triton}" = - ] || timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider -k "${3:-triton}" tests/kernels/test_wkv_triton.py \
     tests/models 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 15

@@ -38,6 +38,7 @@ VARIANTS = {
     "seg1": dict(SEGMENT_BELOW=1),
     "seg2x": dict(SEGMENT_PROGRAMS_PER_SM=2),  # v3's cut: ~2 x SMs programs
     "seg4x": dict(SEGMENT_PROGRAMS_PER_SM=4),
+    "seg8x": dict(SEGMENT_PROGRAMS_PER_SM=8),  # v3.3 to v3.9's cut
     "fwd_w8": dict(FWD_WARPS=8),  # two warps per scheduler in the forward walk (ncu: one issues every ~4 cycles)
     # the triangular inverse's dots for half inputs: IEEE fp32 (v3.3) or tf32x3 instead of tf32
     "inv_ieee": dict(HALF_INVERSE_PRECISION="ieee"),
@@ -190,7 +191,7 @@ def table(out: dict) -> str:
         for name, val in res.items():
             if name == "floor_ms":
                 continue
-            op = "rwkv6" if "6" in name else "rwkv7"
+            op = "rwkv6" if name.startswith(("ours6", "fla_rwkv6")) else "rwkv7"
             floor = res["floor_ms"][op]
             extra = f"  x floor {val[0] / floor[0]:.2f} / {val[1] / floor[1]:.2f}"
             if name.startswith("ours") and anchors[op]:

@@ -4,6 +4,7 @@ Complements benchmarks/wkv.py (end-to-end medians): it names the pass that a tun
 (forward walk, dS walk, backward walk, segment scans, the gradient casts...). Same inputs and variants:
 
     python benchmarks/wkv_profile.py [--variants default,fwd_w8] [--shapes 8x4096x16x64] [--ops ours7,fla_rwkv7_lb]
+                                     [--forward]
 
 Prints, per (op, variant, shape), each kernel's mean device time per step in ms, largest first.
 """
@@ -23,11 +24,16 @@ import kernels.wkv7_triton as wkv7_mod
 STEPS = 10
 
 
-def kernel_times(fn, xs, steps: int = STEPS) -> dict[str, float]:
-    """Mean device ms per forward+backward step of each kernel that fn's step launches."""
+def kernel_times(fn, xs, forward_only: bool = False, steps: int = STEPS) -> dict[str, float]:
+    """Mean device ms per step of each kernel that fn's step launches: forward+backward, or the
+    forward alone under no_grad (benchmarks/wkv.py's fwd column)."""
     do = torch.randn_like(fn(*xs))
 
     def step():
+        if forward_only:
+            with torch.no_grad():
+                fn(*xs)
+            return
         for x in xs:  # as do_bench's grad_to_none: no gradient-accumulation kernels in the profile
             x.grad = None
         fn(*xs).backward(do)
@@ -57,6 +63,7 @@ def main() -> None:
     parser.add_argument("--variants", default="default")
     parser.add_argument("--shapes", default="8x4096x16x64")
     parser.add_argument("--ops", default="ours7")
+    parser.add_argument("--forward", action="store_true", help="profile the no_grad forward alone")
     args = parser.parse_args()
     available = ops()
     for name in args.ops.split(","):
@@ -72,11 +79,12 @@ def main() -> None:
             for variant in args.variants.split(",") if op.startswith("ours") else ["-"]:
                 old = set_variant(variant) if variant != "-" else {}
                 try:
-                    times = kernel_times(fn, make_inputs(*shape))
+                    times = kernel_times(fn, make_inputs(*shape), args.forward)
                 finally:
                     for (mod, key), val in old.items():
                         setattr(mod, key, val)
-                print(f"\n{op} {variant} {shape}: {sum(times.values()):.3f} ms per fwd+bwd step (device)")
+                step = "fwd" if args.forward else "fwd+bwd"
+                print(f"\n{op} {variant} {shape}: {sum(times.values()):.3f} ms per {step} step (device)")
                 for kernel, ms in times.items():
                     print(f"  {ms:8.3f}  {kernel[:100]}")
 

@@ -21,10 +21,9 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.wkv_triton_common import (
-    block_v, check_inputs, chunk_decays, chunk_decays_ref, dot_precision, grad_wanted, intra, inverse_precision, load_chunk,
-    load_chunk_raw, partial_grad, reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk, store_output,
-    unit_tril_inverse,
-    walk_end, walk_start,
+    block_v, check_inputs, chunk_decays, chunk_decays_ref, dot_precision, grad_wanted, intra, inverse_precision,
+    load_chunk, load_chunk_raw, partial_grad, reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk,
+    store_output, unit_tril_inverse, walk_end, walk_start,
 )
 from kernels.wkv_triton_walk import walk_backward, walk_forward
 

@@ -22,9 +22,10 @@ from torch import Tensor
 from kernels.wkv_triton_common import block_v, chunk_layout, dot_precision, load_chunk, state_ptr, store_chunk
 
 SEGMENT_BELOW = 0.5  # segment when the (sequence, head, value block) programs are fewer than this x SMs
-# Cut into about this many x SMs programs: a backward program holds a whole SM (kernels/NOTES.md),
-# so with ~8 waves at most an eighth of the time is lost to a part-filled last wave.
-SEGMENT_PROGRAMS_PER_SM = 8
+# Cut into about this many x SMs programs. A backward program holds a whole SM (kernels/NOTES.md), so
+# ~4 waves lose at most a quarter of a wave's time to a part-filled last one; fewer segments than 8 x SMs
+# mean half the scan steps, and measured 2-4 % faster at both segmented benchmark shapes (H200, NOTES v3.9).
+SEGMENT_PROGRAMS_PER_SM = 4
 MIN_SEGMENT_CHUNKS = 8  # shorter segments add scan steps and launches for little parallelism
 SEGMENT_CHUNKS: int | None = None  # fixed segment length in chunks (tests); None: chosen per call
 
@@ -133,22 +134,26 @@ def scan_segments(dm: Tensor, seg: Segments, n_seq: int, s0: Tensor | None,
     return out, s_last
 
 
+OUTPUT_ROWS = 64  # tokens per program of segment_output_kernel: S_start is read once per this many rows
+
+
 @triton.jit
 def segment_output_kernel(part, s_start, o, seg_cu, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                          BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """o = local + Q S_start for chunk i_c of one segment, one head and BV value columns. part [*, H, V + K]
-    fp32 holds a transition pass's outputs: the segment-local ones (from S = 0) and Q (from S = I, v = 0),
-    whose row t is r_t^T Phi_t, Phi_t the segment's transition up to t; so no second walk is needed."""
+                          ROWS: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """o = local + Q S_start for row block i_c (ROWS tokens) of one segment, one head and BV value columns.
+    part [*, H, V + K] fp32 holds a transition pass's outputs: the segment-local ones (from S = 0) and Q
+    (from S = I, v = 0), whose row t is r_t^T Phi_t, Phi_t the segment's transition up to t; so no
+    second walk is needed."""
     i_c, i_nh, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(seg_cu + i_n).to(tl.int64)
     eos = tl.load(seg_cu + i_n + 1).to(tl.int64)
-    if bos + i_c * BT < eos:
-        b_local = load_chunk(part, bos, eos, i_h, i_c, i_v, H, V + K, BT, BV)  # [BT, BV]
-        b_q = load_chunk(part, bos, eos, i_h, i_c, V // K, H, V + K, BT, K)  # [BT, K], columns V.. (V = K)
+    if bos + i_c * ROWS < eos:
+        b_local = load_chunk(part, bos, eos, i_h, i_c, i_v, H, V + K, ROWS, BV)  # [ROWS, BV]
+        b_q = load_chunk(part, bos, eos, i_h, i_c, V // K, H, V + K, ROWS, K)  # [ROWS, K], columns V.. (V = K)
         b_s = tl.load(state_ptr(s_start, i_nh, i_v, K, V, BV))  # [K, BV]
         b_o = b_local + tl.dot(b_q, b_s, input_precision=PREC)
-        store_chunk(o, b_o, bos, eos, i_h, i_c, i_v, H, V, BT, BV)
+        store_chunk(o, b_o, bos, eos, i_h, i_c, i_v, H, V, ROWS, BV)
 
 
 class Saved(NamedTuple):
@@ -185,8 +190,9 @@ def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None,
         initial_state, ht = scan_segments(dm, seg, n_seq, initial_state)
         if not save:
             o = x.new_empty(B, T, H, N)
-            segment_output_kernel[(seg.max_chunks, seg.n * H, NV)](
-                part, initial_state, o, seg.cu, H=H, K=N, V=N, BT=BT, BV=block_v(N), PREC=dot_precision(x.dtype))
+            segment_output_kernel[(triton.cdiv(seg.max_chunks * BT, OUTPUT_ROWS), seg.n * H, NV)](
+                part, initial_state, o, seg.cu, H=H, K=N, V=N, ROWS=OUTPUT_ROWS, BV=block_v(N),
+                PREC=dot_precision(x.dtype))
             return o, (ht if output_final_state else None), Saved(None, None, seg, dm)
         cu_seqlens, n_seq, chunk_offsets, n_chunks = seg.cu, seg.n, seg.chunk_offsets, seg.n_chunks
     else:
