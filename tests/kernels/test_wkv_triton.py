@@ -282,11 +282,17 @@ def test_bad_inputs_raise_value_error():
         wkv6_triton(*on_device(wkv6_inputs(1, 4, 1, 16), torch.float64).values())
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", OPS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N", [64, 128])
-@pytest.mark.parametrize("segmented", [False, True])
+def full_size_grid(test):
+    """The gpu tests' grid: both ops, fp32 and bf16 inputs, N = 64 and 128, whole sequences or segments."""
+    marks = [pytest.mark.gpu, pytest.mark.parametrize("name", OPS),
+             pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16]),
+             pytest.mark.parametrize("N", [64, 128]), pytest.mark.parametrize("segmented", [False, True])]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+@full_size_grid
 def test_full_size_matches_reference_gpu(name, dtype, N, segmented, monkeypatch):
     """T = 1000 (not a multiple of the chunk), several heads and value blocks, on CUDA; each
     sequence walked by one program, or cut into segments (as few programs make it by default)."""
@@ -296,11 +302,7 @@ def test_full_size_matches_reference_gpu(name, dtype, N, segmented, monkeypatch)
     compare_with_reference(name, 2, 1000, 256 // N, N, dtype=dtype, scale=N ** -0.5)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", OPS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N", [64, 128])
-@pytest.mark.parametrize("segmented", [False, True])
+@full_size_grid
 def test_full_size_inference_forward_matches_reference_gpu(name, dtype, N, segmented, monkeypatch):
     """The no_grad forward at T = 1000 on CUDA (its own chunk length; segments combine local + Q S_start),
     decays down to the lower bound."""
