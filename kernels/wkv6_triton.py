@@ -29,8 +29,8 @@ FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps 
 # a forward no backward follows, as in kernels/wkv7_triton.py: 32-token chunks measured 1.19x to 1.30x
 # faster than 16 at the four benchmark shapes (H200, kernels/NOTES.md v3.9)
 INFER_BT, INFER_WARPS = 32, 4
-# chunk factors reach e^{|g_BT| / 2} (kernels/NOTES.md): with |w| <= 5 that is e^80 at 32 rows, past fp32's
-# e^88 beyond
+# chunk factors reach e^{|g_BT| / 2} (kernels/NOTES.md): with |w| <= 5, e^80 at 32 rows (fp32 holds e^88),
+# e^160 at 64
 MAX_BT = 32
 
 

@@ -39,7 +39,7 @@ class Segments:
     chunk_offsets: Tensor  # [n + 1] int32 index of each segment's first chunk
     n: int
     n_chunks: int
-    max_chunks: int  # of one segment
+    max_chunks: int  # chunks of the longest segment
 
 
 def sm_count(device: torch.device) -> int | None:
@@ -175,8 +175,9 @@ BackwardLaunch = Callable[..., None]
 
 def walk_forward(launch: ForwardLaunch, x: Tensor, initial_state: Tensor | None, output_final_state: bool,
                  cu_seqlens: Tensor | None, save: bool, BT: int) -> tuple[Tensor, Tensor | None, Saved]:
-    """Run the op's forward over whole sequences, or over segments joined by a scan. x: the op's v
-    (o takes its shape and dtype). Returns o, the final state (if asked) and what the backward needs."""
+    """Run the op's forward over whole sequences, or over segments joined by a scan (then, unless save,
+    the outputs come from the transition pass: no second walk). x: the op's v (o takes its shape and
+    dtype). Returns o, the final state (if asked) and what the backward needs."""
     B, T, H, N = x.shape
     n_seq = B if cu_seqlens is None else cu_seqlens.numel() - 1
     NV = N // block_v(N)
