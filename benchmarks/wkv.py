@@ -43,14 +43,14 @@ VARIANTS = {
     # the triangular inverse's dots for half inputs: IEEE fp32 (v3.3) or tf32x3 instead of tf32
     "inv_ieee": dict(HALF_INVERSE_PRECISION="ieee"),
     "inv_tf32x3": dict(HALF_INVERSE_PRECISION="tf32x3"),
-    # the forward with no backward to follow (the no_grad column) in 32-token chunks; their
+    # the forward with no backward to follow (the no_grad column) in 16- or 32-token chunks; their
     # forward+backward is the default's, so it is not timed (INFERENCE_ONLY). 64-token chunks spill
     # 1 KB at 8 warps (local sm_90 report) and are not offered
     "infer16": dict(INFER_BT=16, INFER_WARPS=4),
     "infer32": dict(INFER_BT=32, INFER_WARPS=4),
     "infer32_w8": dict(INFER_BT=32, INFER_WARPS=8),
 }
-INFERENCE_ONLY = {"infer16", "infer32", "infer32_w8"}
+INFERENCE_ONLY = {name for name, attrs in VARIANTS.items() if attrs and all(k.startswith("INFER_") for k in attrs)}
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
