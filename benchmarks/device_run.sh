@@ -7,9 +7,9 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl flash-linear-attention==0.6.0 fla-core==0.6.0
 # fla autotunes for minutes on its first call (H200: 3.3 min for chunk_rwkv7, 4.9 more with lower_bound;
 # H100: 3.5 for chunk_rwkv6). Its results are cached under .triton-cache, which starts from
-# benchmarks/fla_autotune_h100.tgz (made on an H100 with triton 3.6 and fla 0.6.0). Triton keys it by target, so an H200 (sm_90 too) uses it:
-# retuned on an H200, fla took the same time (BENCHMARKS.md, session 7). Other Triton or fla versions
-# and other targets miss it and autotune again. Each run packs the cache's results into
+# benchmarks/fla_autotune_h100.tgz (made on an H100 with triton 3.6 and fla 0.6.0). Triton keys it by
+# target, so an H200 (sm_90 too) uses it: retuned on an H200, fla took the same time (BENCHMARKS.md,
+# session 7). Other Triton or fla versions and other targets miss it and autotune again. Each run packs the cache's results into
 # $OUT/autotune.tgz: copy that over the tarball when they change.
 set -o pipefail
 OUT=${OUT:-/tmp/wkv-out}

@@ -77,7 +77,7 @@ def wkv6_inputs(B, T, H, N):
 
 
 def bench(fn, xs, backward: bool = True) -> tuple[float, float]:
-    """(forward ms, forward+backward ms, nan unless backward), medians; fn(*xs) returns the output."""
+    """(forward ms, forward+backward ms), medians, the second nan when not backward; fn(*xs) returns the output."""
     with torch.no_grad():
         fwd = do_bench(lambda: fn(*xs), return_mode="median")
     if not backward:

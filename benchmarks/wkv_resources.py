@@ -57,7 +57,7 @@ def main() -> None:
     N = parser.parse_args().N
     BV = block_v(N)
     shape = dict(H=16, K=N, V=N, BT=16, BV=BV, PREC="tf32")
-    shape7 = dict(shape, LOG2_BT=4, INV_PREC=inverse_precision(torch.bfloat16))
+    shape7 = dict(shape, LOG2_BT=wkv7.BT.bit_length() - 1, INV_PREC=inverse_precision(torch.bfloat16))
     half7 = {"r", "w", "k", "v", "a", "b", "o", "do", "dv"}
     half6 = {"r", "k", "v", "w", "u", "o", "do", "dv"}
     fwd_flags = dict(USE_H0=False, STORE_HT=False, IS_VARLEN=False)

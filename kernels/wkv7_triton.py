@@ -29,7 +29,6 @@ from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
 FWD_WARPS, BWD_WARPS = 4, 8  # the backward holds twice the live tiles: 8 warps spill less (NOTES.md)
-LOG2_BT = 4
 # A forward that no backward follows (inference, evaluation) keeps no chunk-start states, so its chunk
 # length need not match the backward's
 INFER_BT, INFER_WARPS = 16, 4
@@ -273,7 +272,7 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
     do = do.contiguous()
     dr, dw, dk, da, db = (partial_grad(x, N // block_v(N)) for x in (r, w, k, a, b))
     dv = torch.empty_like(v)
-    shape = dict(H=H, K=N, V=N, BT=BT, LOG2_BT=LOG2_BT, BV=block_v(N), PREC=dot_precision(r.dtype),
+    shape = dict(H=H, K=N, V=N, BT=BT, LOG2_BT=BT.bit_length() - 1, BV=block_v(N), PREC=dot_precision(r.dtype),
                  INV_PREC=inverse_precision(r.dtype))
 
     def launch(dht, dh0, cu, chunk_offsets, grid):

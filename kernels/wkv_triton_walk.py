@@ -72,7 +72,8 @@ def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int
 @functools.lru_cache(maxsize=64)
 def _cut(bounds: tuple[int, ...], seg_chunks: int, BT: int, device: torch.device) -> Segments:
     """The segments of sequences [bounds[i], bounds[i+1]), laid out on the host and copied to the
-    device once per layout: a copy or a read-back per call would stall the launch queue each step."""
+    device once per layout: a copy per call would stall the launch queue each step. Equal-length
+    sequences need no read-back at all; packed ones cost one (cu_seqlens) in plan_segments."""
     cu, first, chunk_offsets = [], [0], [0]
     for bos, eos in zip(bounds[:-1], bounds[1:]):
         starts = list(range(bos, max(eos, bos + 1), seg_chunks * BT))  # an empty sequence keeps one segment
