@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from distill.checkpoints import read_checkpoint
 from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
 from distill.data.module import DistillDataModule
 from distill.data.sources import LocalFilesSource
@@ -26,16 +27,6 @@ from distill.evaluation import compare_on_batches, continuations
 from distill.parallel import resolve_precision, teacher_dtype
 from models.student import StudentConfig, build_student
 from models.teacher import FrozenTeacher
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"ckpt={path!r}: no such file (give a .ckpt written by distill-train)")
-    checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    if "distill" not in checkpoint or "config" not in checkpoint["distill"]:
-        raise ValueError(f"ckpt={path!r} is not a distill-train checkpoint (no recorded teacher/student config)")
-    return checkpoint
 
 
 def _with_overrides(recorded: dict, overrides: DictConfig | None) -> DictConfig:
@@ -61,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if not Path(cfg.text).is_file():
         raise FileNotFoundError(f"text={cfg.text!r}: no such file")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, tokenizer, student = load_student(load_checkpoint(cfg.ckpt), cfg, device)
+    teacher, tokenizer, student = load_student(read_checkpoint(cfg.ckpt), cfg, device)
     text = LocalFilesSource(paths=[cfg.text], document_separator=cfg.document_separator)
     data = DistillDataModule(text, heldout_source=text, tokenizer=tokenizer, seq_len=cfg.seq_len,
                              batch_size=cfg.batch_size, cache_dir=cfg.paths.cache_dir, eval_tokens=cfg.eval_tokens)

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from distill.checkpoints import read_checkpoint
 from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
 from distill.evaluation import compare_on_batches, continuations
 from distill.module import DistillModule
@@ -32,18 +33,16 @@ from models.teacher import FrozenTeacher
 
 
 def find_resume(ckpt_path: str | None, run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
-    """(checkpoint to resume, its contents). ckpt_path='last' means run_dir's checkpoints/last.ckpt."""
+    """(checkpoint to resume, its record and Lightning keys; no ZeRO weights gathered).
+    ckpt_path='last' means run_dir's checkpoints/last.ckpt (a file, or a DeepSpeed directory)."""
     if ckpt_path is None:
         return None, {}
     path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Give a .ckpt file, or 'last' together with "
             "the run dir that holds checkpoints/last.ckpt (hydra.run.dir=...)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # read lazily
-    if "distill" not in checkpoint:
-        raise ValueError(f"{path} is not a distill-train checkpoint (it has no 'distill' record)")
-    return path, checkpoint
+    return path, read_checkpoint(path, weights=False)
 
 
 def build_models(cfg: DictConfig, precision: str):
@@ -99,7 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if resume and checkpoint["distill"]["stage_name"] in done:
         # A stage-end checkpoint: no Trainer restores it (the next stage starts fresh), so its weights
         # go in here. A mid-stage checkpoint is restored whole by Trainer.fit(ckpt_path=...).
-        module.load_state_dict(checkpoint["state_dict"])
+        module.load_state_dict(read_checkpoint(resume)["state_dict"])
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
 
     for index, stage in enumerate(stages):
