@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import l2_alignment, logit_stats
-from distill.parallel import deepspeed_grad_norm, grad_norm, uses_deepspeed
+from distill.parallel import declare_external_parameters, deepspeed_grad_norm, grad_norm, uses_deepspeed
 from distill.stages import Stage
 from models.teacher import FrozenTeacher
 
@@ -40,7 +40,7 @@ class DistillModule(L.LightningModule):
                  optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
                  kl_chunk_tokens: int = 1024, run_config: dict | None = None,
                  check_finite_every_n_steps: int = 1,
-                 teacher_sharding: Callable[[nn.Module], nn.Module] | None = None):
+                 teacher_sharding: Callable[..., None] | None = None):
         super().__init__()
         if check_finite_every_n_steps < 1:
             raise ValueError(f"check_finite_every_n_steps={check_finite_every_n_steps} must be >= 1")
@@ -88,10 +88,11 @@ class DistillModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._reset_loss_record()
         if self.teacher_sharding is not None:
-            self.teacher_sharding(self.teacher.model)  # in place, once: its weights then stay partitioned
+            self.teacher_sharding(self.teacher.model, device=self.device)  # in place, once: it stays partitioned
             self.teacher_sharding = None
         elif not getattr(self.teacher.model, "ds_sharded", False):
             self.teacher.to(self.device)
+        declare_external_parameters(self, [self.student.lm_head.weight])
         # Lightning keeps each submodule's mode; parts copied from the eval-mode teacher (rotary_emb)
         # would otherwise stay in eval mode, and evaluation leaves the student in eval mode too.
         self.student.train()

@@ -110,18 +110,31 @@ def deepspeed_grad_norm(trainer) -> float | None:
     return None if norm is None else float(norm)
 
 
-def shard_teacher(model: nn.Module, precision: str) -> nn.Module:
-    """The teacher as a ZeRO-3 inference engine: its weights partitioned over the ranks and gathered
-    layer by layer during the forward. The hooks of FrozenTeacher stay on the layers. Returns the
-    engine's module (same object, partitioned in place)."""
+def shard_teacher(model: nn.Module, precision: str, device: torch.device) -> None:
+    """The teacher's decoder as a ZeRO-3 inference engine, in place: its weights partitioned over the
+    ranks and gathered layer by layer during the forward (FrozenTeacher's hooks stay on the layers).
+    The output head stays whole on `device`: the KL reads its weight outside any module's forward,
+    where ZeRO-3 would hand over an empty partition."""
     import deepspeed
 
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
               "bf16": {"enabled": precision.startswith("bf16")}}
-    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine, *_ = deepspeed.initialize(model=model.model, config=config)
     engine.eval()
+    model.lm_head.to(device)
     model.ds_sharded = True  # its partitions sit on this rank's device: .to() must leave them alone
-    return engine.module
+
+
+def declare_external_parameters(module: nn.Module, parameters: Iterable[nn.Parameter]) -> None:
+    """Under ZeRO-3, parameters that `module`'s step reads outside their own module's forward (the
+    student head's weight in the fused KL): DeepSpeed then gathers them for the whole step and
+    reduces their gradients. No-op for parameters ZeRO-3 does not manage."""
+    managed = [p for p in parameters if hasattr(p, "ds_id")]
+    if managed:
+        from deepspeed.zero import register_external_parameter
+
+        for p in managed:
+            register_external_parameter(module, p)
 
 
 # ----- the student's runtime ------------------------------------------------------------------

@@ -99,7 +99,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     parallel.check_strategy(cfg.strategy, cfg.optim)
     parallel.configure_runtime(cfg.runtime, accelerator)
     teacher, tokenizer, student = build_models(cfg, precision)
-    teacher.to(parallel.process_device(accelerator))  # data-free sampling runs where the job trains
+    if not cfg.strategy.shard_teacher:  # a sharded teacher may not fit one device: it is partitioned in fit
+        teacher.to(parallel.process_device(accelerator))  # data-free sampling runs where the job trains
     choices = parallel.runtime_choices(cfg.runtime, accelerator, cfg.strategy)
     log.info("runtime: %s, strategy %s", choices, cfg.strategy.lightning)
     parallel.prepare_student(student, choices)

@@ -82,3 +82,47 @@ def test_grad_norm_is_the_global_l2_norm():
     params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 4.0]), torch.full((2, 2), 6.0)
     assert parallel.grad_norm(params).item() == pytest.approx((9 + 16 + 4 * 36) ** 0.5)
     assert parallel.grad_norm(params[2:]) is None
+
+
+def _sharded_teacher_outputs(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    import deepspeed
+
+    from models.teacher import FrozenTeacher
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64, vocab_size=96)
+    model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    replicated = FrozenTeacher(model)(ids)
+    parallel.shard_teacher(model, "32-true", torch.device("cpu"))
+    sharded = FrozenTeacher(model)(ids)
+    partitioned = model.model.layers[0].mlp.up_proj.weight.ds_tensor.numel()
+    if rank == 0:
+        torch.save({"replicated": replicated, "sharded": sharded, "partitioned": partitioned,
+                    "full": model.model.layers[0].mlp.up_proj.weight.ds_numel,
+                    "head": model.lm_head.weight.numel()}, out)
+
+
+@pytest.mark.slow
+def test_zero3_sharded_teacher_gives_the_replicated_teachers_activations(tmp_path):
+    """strategy.shard_teacher: the teacher's decoder partitioned over 2 gloo ranks (real DeepSpeed
+    ZeRO-3 inference) returns the same per-layer activations as the whole teacher; its head stays whole."""
+    import torch.multiprocessing as mp
+
+    from tests.distill.test_checkpoints import _free_port
+
+    out = tmp_path / "out.pt"
+    mp.spawn(_sharded_teacher_outputs, args=(_free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out, weights_only=False)
+    assert got["partitioned"] == got["full"] // 2  # each rank holds half of a weight
+    assert got["head"] == 96 * 32
+    for field in ("attn_inputs", "attn_outputs", "hidden_states"):
+        for a, b in zip(getattr(got["replicated"], field), getattr(got["sharded"], field), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["sharded"].last_hidden, got["replicated"].last_hidden, rtol=1e-6, atol=1e-6)
