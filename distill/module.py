@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import l2_alignment, logit_stats
-from distill.parallel import declare_external_parameters, deepspeed_grad_norm, grad_norm, uses_deepspeed
+from distill.parallel import declare_external_parameters, deepspeed_grad_norm, uses_deepspeed
 from distill.stages import Stage
 from models.teacher import FrozenTeacher
 
@@ -155,10 +155,14 @@ class DistillModule(L.LightningModule):
             self.final_loss = self.trainer.strategy.reduce(self._last_loss, reduce_op="mean").item()
 
     # ----- what is logged besides the losses ----------------------------------------
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # Before clipping, and on every rank the same (DDP has all-reduced the gradients); under
-        # DeepSpeed the gradients are partitioned and the engine reports the norm after its step.
-        self._grad_norm = grad_norm(self.student.parameters())
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the global norm here: Lightning's mixed-precision plugin refuses to clip for a fused
+        optimizer even in bf16, where nothing needs unscaling. The norm (before clipping, the same on
+        every DDP rank) is the logged grad_norm. Under DeepSpeed the engine clips (trainer's
+        gradient_clip_val goes into its config), this sees no gradients, and the engine reports the norm."""
+        grads = [p for p in self.student.parameters() if p.grad is not None]
+        if grads:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(grads, gradient_clip_val or float("inf"))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         norm = deepspeed_grad_norm(self.trainer) if uses_deepspeed(self.trainer) else self._grad_norm

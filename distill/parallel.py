@@ -94,16 +94,6 @@ def uses_deepspeed(trainer) -> bool:
     return type(trainer.strategy).__name__ == "DeepSpeedStrategy"
 
 
-def grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor | None:
-    """The global L2 norm of the gradients (before clipping) as a device tensor, no host sync;
-    None when no parameter holds a gradient (under ZeRO they live in DeepSpeed's partitions:
-    see deepspeed_grad_norm)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return None
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
 def deepspeed_grad_norm(trainer) -> float | None:
     """The norm DeepSpeed computed over all ranks' gradient partitions at its last step."""
     norm = trainer.strategy.deepspeed_engine.get_global_grad_norm()

@@ -77,13 +77,6 @@ def test_runtime_auto_compiles_on_gpus_only_and_not_under_zero3(tmp_path, monkey
     assert parallel.runtime_choices(zero3.runtime, "auto", zero3.strategy)["compile"] is False
 
 
-def test_grad_norm_is_the_global_l2_norm():
-    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))]
-    params[0].grad, params[1].grad = torch.tensor([3.0, 0.0, 4.0]), torch.full((2, 2), 6.0)
-    assert parallel.grad_norm(params).item() == pytest.approx((9 + 16 + 4 * 36) ** 0.5)
-    assert parallel.grad_norm(params[2:]) is None
-
-
 def _sharded_teacher_outputs(rank: int, port: int, out: str) -> None:
     import os
 

@@ -48,6 +48,8 @@ def test_summary_has_every_key_and_files(tiny_run):
     assert not list((run_dir / "checkpoints").glob("last-v*.ckpt"))
     assert 0 <= summary["top1_agreement"] <= 1 and summary["kl"] >= 0
     assert len(summary["alignment_errors"]) == 2 and all(e >= 0 for e in summary["alignment_errors"])
+    norms = _metric(run_dir, "grad_norm")
+    assert len(norms) >= 2 and all(math.isfinite(n) and n > 0 for n in norms)
 
 
 @pytest.fixture(scope="module")
