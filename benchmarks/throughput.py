@@ -167,6 +167,7 @@ def bench_distill(shape: str, seq: int, steps: int, compile_: bool, peak: float)
     student = build_student(teacher.model, StudentConfig())
     choices = {"compile": compile_, "compile_backend": "inductor", "activation_checkpointing": False, "tf32": True}
     parallel.prepare_student(student, choices)
+    parallel.prepare_teacher(teacher, choices)
     module = DistillModule(teacher, student.cuda(), torch.optim.AdamW)
     clock = PhaseClock()
     instrument(module, clock)

@@ -104,6 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     choices = parallel.runtime_choices(cfg.runtime, accelerator, cfg.strategy)
     log.info("runtime: %s, strategy %s", choices, cfg.strategy.lightning)
     parallel.prepare_student(student, choices)
+    parallel.prepare_teacher(teacher, choices)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = DistillModule(teacher, student, instantiate(cfg.optim), kl_chunk_tokens=cfg.kl_chunk_tokens,
                            run_config={k: run_config[k] for k in ("teacher", "student", "data", "seed")},

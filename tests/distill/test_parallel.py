@@ -28,7 +28,7 @@ def test_runtime_wrappers_keep_outputs_gradients_and_checkpoint_keys(compile_, c
     torch._dynamo.reset()
     plain, wrapped = tiny_student(), tiny_student()
     choices = {"compile": compile_, "compile_backend": "aot_eager", "activation_checkpointing": checkpointing,
-               "tf32": False}
+               "tf32": False, "shard_teacher": False}
     parallel.prepare_student(wrapped, choices)
     assert set(wrapped.state_dict()) == set(plain.state_dict())
     ids = torch.randint(0, 96, (2, 20))
@@ -38,6 +38,24 @@ def test_runtime_wrappers_keep_outputs_gradients_and_checkpoint_keys(compile_, c
         sum(o.square().mean() for o in model.time_mix_outputs(attn)).backward()
     for (name, p), q in zip(plain.named_parameters(), wrapped.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_compiled_teacher_layers_record_the_same_activations():
+    from models.teacher import FrozenTeacher
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64, vocab_size=96)
+    teacher = FrozenTeacher(AutoModelForCausalLM.from_config(config).eval())
+    ids = torch.randint(0, 96, (2, 20))
+    eager = teacher(ids)
+    parallel.prepare_teacher(teacher, {"compile": True, "compile_backend": "aot_eager"})
+    compiled = teacher(ids)
+    for field in ("attn_inputs", "attn_outputs", "hidden_states"):
+        for a, b in zip(getattr(eager, field), getattr(compiled, field), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(compiled.last_hidden, eager.last_hidden, rtol=1e-6, atol=1e-7)
 
 
 def test_every_strategy_config_builds_its_lightning_strategy(tmp_path):
