@@ -192,6 +192,7 @@ def bench_distill(shape: str, seq: int, steps: int, compile_: bool, peak: float)
             flops = 2 * body + 6 * count(student.time_mix_parameters())
         row.update(flops_per_token=flops, mfu=row["tokens_per_second"] * flops / peak,
                    params=count(student.parameters()))
+        row["host_syncs_per_step"] = host_syncs(lambda: distill_step(module, optimizer, ids, labels, params, clock))
         split = []
         clock.enabled = True
         for _ in range(5):
@@ -209,6 +210,21 @@ def bench_distill(shape: str, seq: int, steps: int, compile_: bool, peak: float)
     del module, student, teacher
     torch.cuda.empty_cache()
     return rows
+
+
+def host_syncs(step) -> int:
+    """Synchronizing CUDA calls one step makes (torch's sync debug mode counts them as warnings)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def kernel_means(fn, repeats: int = 3) -> dict[str, float]:
@@ -385,7 +401,8 @@ def print_table(results: dict) -> None:
     for r in results["rows"]:
         split = " ".join(f"{k}={v:.1f}" for k, v in r.get("split_ms", {}).items())
         print(f"{r['model']:<18} {r['shape']:>5} {r['seq']:>5} {str(r.get('compile', '')):>4} {r['step_ms']:8.1f} "
-              f"{r['tokens_per_second']:9.0f} {r['mfu']:6.1%} {r['peak_memory_gb']:8.1f}  {split}")
+              f"{r['tokens_per_second']:9.0f} {r['mfu']:6.1%} {r['peak_memory_gb']:8.1f}  {split}"
+              + (f" syncs={r['host_syncs_per_step']}" if "host_syncs_per_step" in r else ""))
         for name, wkv in r.get("wkv_in_step_vs_alone", {}).items():
             ratio = "n/a" if wkv["ratio"] is None else f"{wkv['ratio']:.2f}x"
             print(f"    {name[:40]:<40} inside {wkv['inside_ms']:.3f} ms, alone "
