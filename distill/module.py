@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from distill.losses import l2_alignment, logit_stats
+from distill.losses import head_weight, l2_alignment, linear_kl
 from distill.parallel import declare_external_parameters, deepspeed_grad_norm, uses_deepspeed
 from distill.stages import Stage
 from models.teacher import FrozenTeacher
@@ -108,15 +108,17 @@ class DistillModule(L.LightningModule):
             layers = {f"align_layer{i}": e.detach() for i, e in enumerate(per_layer)}
             return {"loss": per_layer.mean(), "align": per_layer.mean().detach(), **layers}
         student_out = self.student(input_ids)
-        stats = logit_stats(teacher_out.last_hidden, self.teacher.lm_head,
-                            student_out.last_hidden, self.student.lm_head, labels,
-                            temperature=self.stage.temperature, chunk_tokens=self.kl_chunk_tokens)
-        kl, ce = stats.kl / stats.tokens, stats.student_nll / stats.tokens
+        stage = self.stage
+        # out.loss = KL + (ce_weight / kl_weight) CE, so kl_weight * out.loss weighs both as configured.
+        out = linear_kl(student_out.last_hidden, head_weight(self.student.lm_head),
+                        teacher_out.last_hidden, head_weight(self.teacher.lm_head), labels=labels,
+                        temperature=stage.temperature, kind=stage.kind, beta=stage.beta,
+                        ce_weight=stage.ce_weight / stage.kl_weight, chunk_tokens=self.kl_chunk_tokens)
         hidden = torch.stack([l2_alignment(t, s) for t, s in
                               zip(teacher_out.hidden_states, student_out.hidden_states)]).mean()
-        loss = self.stage.kl_weight * kl + self.stage.hidden_weight * hidden + self.stage.ce_weight * ce
-        return {"loss": loss, "kl": kl.detach(), "hidden": hidden.detach(), "ce": ce.detach(),
-                "top1": stats.top1_agree / stats.tokens}
+        loss = stage.kl_weight * out.loss + stage.hidden_weight * hidden
+        return {"loss": loss, "kl": out.kl, "hidden": hidden.detach(), "ce": out.student_nll,
+                "top1": out.top1}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         parts = self.stage_loss(batch["input_ids"], batch["labels"])
