@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels.linear_kl_triton as triton_mod
 from distill.losses import linear_kl
-from wkv import resource_report  # benchmarks/ is sys.path[0] when this file runs as a script
+from wkv import write_with_resources  # benchmarks/ is sys.path[0] when this file runs as a script
 
 V, C = 151936, 896
 # linear_kl's launch shapes tried by --variants (kernels.linear_kl_triton.Blocks fields over the default)
@@ -251,15 +251,8 @@ def main() -> None:
                 json.dump(out, f, indent=1)
         del x
         torch.cuda.empty_cache()
-    try:  # diagnostics only: the compiled-kernel cache layout differs between Triton versions
-        out["resources"] = resource_report({triton_mod: ("_stats_kernel", "_jsd_kernel", "_dz_kernel")},
-                                           int_flags=("KIND", "BLOCK_N", "BLOCK_V", "SPLIT_V", "GROUP_N"))
-    except (AttributeError, KeyError, TypeError, IndexError) as err:
-        out["resources"] = [f"unavailable: {err!r}"]
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    for row in out["resources"]:
-        print(f"  {row}")
+    write_with_resources(out, args.out, {triton_mod: ("_stats_kernel", "_jsd_kernel", "_dz_kernel")},
+                         int_flags=("KIND", "BLOCK_N", "BLOCK_V", "SPLIT_V", "GROUP_N"))
     print(table(out))
 
 

@@ -153,6 +153,19 @@ def resource_report(kernels: dict | None = None, int_flags: tuple[str, ...] = ("
     return rows
 
 
+def write_with_resources(out: dict, path: str, kernels: dict | None = None,
+                         int_flags: tuple[str, ...] = ("BV",)) -> None:
+    """Add resource_report(kernels, int_flags) to out as "resources", write out to path (JSON), print them."""
+    try:  # diagnostics only: the compiled-kernel cache layout differs between Triton versions
+        out["resources"] = resource_report(kernels, int_flags)
+    except (AttributeError, KeyError, TypeError, IndexError) as err:
+        out["resources"] = [f"unavailable: {err!r}"]
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    for row in out["resources"]:
+        print(f"  {row}")
+
+
 def floors(shape, bw) -> dict:
     """Bytes floor in ms (fwd, fwd+bwd): WKV-7 fwd reads r,w,k,v,a,b and writes o; its bwd reads those
     and do and writes 6 grads. WKV-6: 4 inputs (u is negligible), 1 output; bwd 5 reads, 4 grads."""
@@ -243,14 +256,7 @@ def main() -> None:
               f"({time.time() - t0:.0f} s)", flush=True)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1, default=str)
-    try:  # diagnostics only: the compiled-kernel cache layout differs between Triton versions
-        out["resources"] = resource_report()
-    except (AttributeError, KeyError, TypeError, IndexError) as err:
-        out["resources"] = [f"unavailable: {err!r}"]
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    for row in out["resources"]:
-        print(f"  {row}")
+    write_with_resources(out, args.out)
     print(table(out))
 
 

@@ -76,6 +76,13 @@ def _program_tile(N, n_splits, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def _split_blocks(split, V, SPLIT_V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """First vocabulary entry of a split and its number of BLOCK_V blocks (the last split may be short)."""
+    v_first = split * SPLIT_V
+    return v_first, tl.cdiv(tl.minimum(V - v_first, SPLIT_V), BLOCK_V)
+
+
+@triton.jit
 def _logits(H, W, offs_n, offs_v, N, V, C, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
             BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, DOT: tl.constexpr, WIDEN: tl.constexpr):
     """x [BLOCK_N, BLOCK_V] = H[offs_n] W[offs_v]^T, fp32; H [N, C] and W [V, C] row-major.
@@ -150,8 +157,8 @@ def _stats_kernel(HT, WT, HS, WS, Y, PART, ARG, N, V, CT, CS, n_splits, plane, i
     cross = tl.zeros([BLOCK_N], tl.float32)  # sum e (x_t - x_s) against the teacher (forward) or student (reverse)
     arg_t = tl.zeros([BLOCK_N], tl.int32)
     arg_s = tl.zeros([BLOCK_N], tl.int32)
-    v_first = split * SPLIT_V
-    for b in range(0, tl.cdiv(tl.minimum(V - v_first, SPLIT_V), BLOCK_V)):
+    v_first, n_blocks = _split_blocks(split, V, SPLIT_V, BLOCK_V)
+    for b in range(0, n_blocks):
         v0 = v_first + b * BLOCK_V
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = offs_v < V
@@ -185,11 +192,28 @@ def _stats_kernel(HT, WT, HS, WS, Y, PART, ARG, N, V, CT, CS, n_splits, plane, i
 
 
 @triton.jit
-def _log_probs(x_t, x_s, lse_t, lse_s, inv_tau):
-    """Tempered log-probabilities and probabilities of both models for one block, [BN, BV] each."""
+def _pass2_rows(ROW, N, n_splits, BLOCK_N: tl.constexpr, GROUP_N: tl.constexpr):
+    """A pass-2 program's split, tokens, their mask and the final log-sum-exps at 1/tau (ROW[0], ROW[1])."""
+    tile, split = _program_tile(N, n_splits, BLOCK_N, GROUP_N)
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < N
+    lse_t = tl.load(ROW + offs_n, mask=row_ok, other=0.0)
+    lse_s = tl.load(ROW + N + offs_n, mask=row_ok, other=0.0)
+    return split, offs_n, row_ok, lse_t, lse_s
+
+
+@triton.jit
+def _block_probs(HT, WT, HS, WS, offs_n, v0, N, V, CT, CS, lse_t, lse_s, inv_tau, BLOCK_N: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_CT: tl.constexpr, EVEN_CS: tl.constexpr,
+                 DOT_T: tl.constexpr, DOT_S: tl.constexpr, WIDEN: tl.constexpr):
+    """The block of entries v0 + [0, BLOCK_V): its indices, raw student logits and both models' tempered
+    log-probabilities and probabilities (lse_t, lse_s [BN]: the final log-sum-exps at 1/tau), [BN, BV] each."""
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    x_t, x_s = _both_logits(HT, WT, HS, WS, offs_n, offs_v, N, V, CT, CS, BLOCK_N, BLOCK_V, BLOCK_C,
+                            EVEN_CT, EVEN_CS, DOT_T, DOT_S, WIDEN)
     logp_t = x_t * inv_tau - lse_t[:, None]
     logp_s = x_s * inv_tau - lse_s[:, None]
-    return logp_t, logp_s, tl.exp(logp_t), tl.exp(logp_s)
+    return offs_v, x_s, logp_t, logp_s, tl.exp(logp_t), tl.exp(logp_s)
 
 
 @triton.jit
@@ -199,19 +223,14 @@ def _jsd_kernel(HT, WT, HS, WS, ROW, PART, N, V, CT, CS, n_splits, plane, inv_ta
                 EVEN_CS: tl.constexpr, DOT_T: tl.constexpr, DOT_S: tl.constexpr, WIDEN: tl.constexpr):
     """PART [2, n_splits, N]: sum over the split of p_t log(p_t / m) and p_s log(p_s / m), m the mixture
     beta p_t + (1 - beta) p_s; ROW [2, N]: each model's log-sum-exp at 1/tau."""
-    tile, split = _program_tile(N, n_splits, BLOCK_N, GROUP_N)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < N
-    lse_t = tl.load(ROW + offs_n, mask=row_ok, other=0.0)
-    lse_s = tl.load(ROW + N + offs_n, mask=row_ok, other=0.0)
+    split, offs_n, row_ok, lse_t, lse_s = _pass2_rows(ROW, N, n_splits, BLOCK_N, GROUP_N)
     kl_tm = tl.zeros([BLOCK_N], tl.float32)
     kl_sm = tl.zeros([BLOCK_N], tl.float32)
-    v_first = split * SPLIT_V
-    for b in range(0, tl.cdiv(tl.minimum(V - v_first, SPLIT_V), BLOCK_V)):
-        offs_v = v_first + b * BLOCK_V + tl.arange(0, BLOCK_V)
-        x_t, x_s = _both_logits(HT, WT, HS, WS, offs_n, offs_v, N, V, CT, CS, BLOCK_N, BLOCK_V, BLOCK_C,
-                                EVEN_CT, EVEN_CS, DOT_T, DOT_S, WIDEN)
-        logp_t, logp_s, p_t, p_s = _log_probs(x_t, x_s, lse_t, lse_s, inv_tau)
+    v_first, n_blocks = _split_blocks(split, V, SPLIT_V, BLOCK_V)
+    for b in range(0, n_blocks):
+        offs_v, x_s, logp_t, logp_s, p_t, p_s = _block_probs(
+            HT, WT, HS, WS, offs_n, v_first + b * BLOCK_V, N, V, CT, CS, lse_t, lse_s, inv_tau,
+            BLOCK_N, BLOCK_V, BLOCK_C, EVEN_CT, EVEN_CS, DOT_T, DOT_S, WIDEN)
         mix = beta * p_t + (1 - beta) * p_s
         log_mix = tl.log(mix)
         keep = (offs_v < V)[None, :] & (mix > 0)  # mix == 0: both p underflowed, their terms are 0
@@ -230,23 +249,18 @@ def _dz_kernel(HT, WT, HS, WS, Y, ROW, DZ, N, V, CT, CS, n_splits, inv_tau, tau,
                EVEN_CS: tl.constexpr, DOT_T: tl.constexpr, DOT_S: tl.constexpr, WIDEN: tl.constexpr):
     """DZ [N, V] = d(loss)/d(student logits) = inv_count (tau dD/dz_s + ce_weight (softmax(x_s) - onehot)).
     ROW [4, N]: lse_t, lse_s (at 1/tau), lse_s at 1, and per kind: - | KL(p_s||p_t) | KL(p_s||m)."""
-    tile, split = _program_tile(N, n_splits, BLOCK_N, GROUP_N)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = offs_n < N
-    lse_t = tl.load(ROW + offs_n, mask=row_ok, other=0.0)
-    lse_s = tl.load(ROW + N + offs_n, mask=row_ok, other=0.0)
+    split, offs_n, row_ok, lse_t, lse_s = _pass2_rows(ROW, N, n_splits, BLOCK_N, GROUP_N)
     lse1_s = tl.load(ROW + 2 * N + offs_n, mask=row_ok, other=0.0)
     aux = tl.load(ROW + 3 * N + offs_n, mask=row_ok, other=0.0)
     y = tl.full([BLOCK_N], -1, tl.int32)
     if HAS_CE:
         y = tl.load(Y + offs_n, mask=row_ok, other=-1)
     p_dz = DZ + offs_n.to(tl.int64)[:, None] * V
-    v_first = split * SPLIT_V
-    for b in range(0, tl.cdiv(tl.minimum(V - v_first, SPLIT_V), BLOCK_V)):
-        offs_v = v_first + b * BLOCK_V + tl.arange(0, BLOCK_V)
-        x_t, x_s = _both_logits(HT, WT, HS, WS, offs_n, offs_v, N, V, CT, CS, BLOCK_N, BLOCK_V, BLOCK_C,
-                                EVEN_CT, EVEN_CS, DOT_T, DOT_S, WIDEN)
-        logp_t, logp_s, p_t, p_s = _log_probs(x_t, x_s, lse_t, lse_s, inv_tau)
+    v_first, n_blocks = _split_blocks(split, V, SPLIT_V, BLOCK_V)
+    for b in range(0, n_blocks):
+        offs_v, x_s, logp_t, logp_s, p_t, p_s = _block_probs(
+            HT, WT, HS, WS, offs_n, v_first + b * BLOCK_V, N, V, CT, CS, lse_t, lse_s, inv_tau,
+            BLOCK_N, BLOCK_V, BLOCK_C, EVEN_CT, EVEN_CS, DOT_T, DOT_S, WIDEN)
         if KIND == 0:
             g = p_s - p_t
         elif KIND == 1:
