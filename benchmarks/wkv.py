@@ -127,13 +127,16 @@ def fla_ops():
     }
 
 
-def resource_report() -> list[dict]:
-    """Registers, spills and shared memory of every compiled variant of our kernels."""
-    kernels = {wkv7_mod: ("wkv7_fwd_kernel", "wkv7_bwd_kernel", "wkv7_bwd_state_kernel"),
+WKV_KERNELS = {wkv7_mod: ("wkv7_fwd_kernel", "wkv7_bwd_kernel", "wkv7_bwd_state_kernel"),
                wkv6_mod: ("wkv6_fwd_kernel", "wkv6_bwd_kernel", "wkv6_bwd_state_kernel"),
                walk_mod: ("segment_scan_kernel",)}
+
+
+def resource_report(kernels: dict | None = None, int_flags: tuple[str, ...] = ("BV",)) -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of the kernels ({module: names},
+    default our WKV ones); flags: their bool/str constexprs and the int ones named in int_flags."""
     rows = []
-    for mod, names in kernels.items():
+    for mod, names in (kernels or WKV_KERNELS).items():
         for name in names:
             for cache in getattr(getattr(mod, name), "device_caches", {}).values():
                 for ck in (cache[0] if isinstance(cache, tuple) else cache).values():
@@ -141,13 +144,26 @@ def resource_report() -> list[dict]:
                     kernel = getattr(mod, name)
                     consts = {kernel.arg_names[k[0]] if isinstance(k, tuple) else str(k): v
                               for k, v in getattr(getattr(ck, "src", None), "constants", {}).items()}
-                    flags = {k: v for k, v in consts.items() if isinstance(v, (bool, str)) or k == "BV"}
+                    flags = {k: v for k, v in consts.items() if isinstance(v, (bool, str)) or k in int_flags}
                     rows.append(dict(kernel=name, n_regs=getattr(ck, "n_regs", None),
                                      n_spills=getattr(ck, "n_spills", None),
                                      shared=getattr(md, "shared", None), num_warps=getattr(md, "num_warps", None),
                                      num_stages=getattr(md, "num_stages", None),
                                      flags=flags))
     return rows
+
+
+def write_with_resources(out: dict, path: str, kernels: dict | None = None,
+                         int_flags: tuple[str, ...] = ("BV",)) -> None:
+    """Add resource_report(kernels, int_flags) to out as "resources", write out to path (JSON), print them."""
+    try:  # diagnostics only: the compiled-kernel cache layout differs between Triton versions
+        out["resources"] = resource_report(kernels, int_flags)
+    except (AttributeError, KeyError, TypeError, IndexError) as err:
+        out["resources"] = [f"unavailable: {err!r}"]
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    for row in out["resources"]:
+        print(f"  {row}")
 
 
 def floors(shape, bw) -> dict:
@@ -240,14 +256,7 @@ def main() -> None:
               f"({time.time() - t0:.0f} s)", flush=True)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1, default=str)
-    try:  # diagnostics only: the compiled-kernel cache layout differs between Triton versions
-        out["resources"] = resource_report()
-    except (AttributeError, KeyError, TypeError, IndexError) as err:
-        out["resources"] = [f"unavailable: {err!r}"]
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1, default=str)
-    for row in out["resources"]:
-        print(f"  {row}")
+    write_with_resources(out, args.out)
     print(table(out))
 
 

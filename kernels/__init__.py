@@ -1,4 +1,5 @@
-"""WKV operators (DESIGN §5): one entry point per operator, dispatching on `backend`.
+"""WKV operators (DESIGN §5): one entry point per operator, dispatching on `backend`; and the fused
+linear-KL loss (kernels/linear_kl.py, its own dispatch).
 
 backend "torch": chunked pure PyTorch (any device). "triton": the Triton kernels (CUDA, or CPU under
 TRITON_INTERPRET=1). "auto": triton for CUDA inputs when its module imports and serves
@@ -17,8 +18,9 @@ from torch import Tensor
 # Imported as modules so that `kernels.wkv7_torch` stays the module, not its function.
 from kernels import wkv6_torch as _wkv6_torch
 from kernels import wkv7_torch as _wkv7_torch
+from kernels.linear_kl import fused_linear_kl
 
-__all__ = ["wkv7", "wkv6", "wkv7_step", "wkv6_step"]
+__all__ = ["wkv7", "wkv6", "wkv7_step", "wkv6_step", "fused_linear_kl"]
 
 BACKENDS = ("auto", "torch", "triton")
 _TORCH = {

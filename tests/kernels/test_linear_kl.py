@@ -3,7 +3,8 @@
 Torch backend: float64 inputs, rel <= 1e-6 (it is exact up to float64 rounding). Triton backend on CPU
 (TRITON_INTERPRET=1, tiny blocks so every shape edge is crossed): float32 inputs and IEEE dots, rel <= 1e-5:
 the logits are fp32 dots over C <= 24 and the exp-sums run over V = 150 entries in 3 splits, where fp32
-rounding gives ~1e-7..2e-6 (measured); the `gpu` tests run the H200 shapes in bf16 at 1e-2.
+rounding gave 3e-7 to 2.4e-6 (measured over the six kind/tau/CE cases); bf16 inputs: 1e-2 (dz rounded to
+bf16 gave 3.5e-3). The `gpu` tests run the H200 shape in bf16 at 1e-2.
 Every check covers the loss, the four statistics and both gradients (h_s and w_s).
 """
 
@@ -27,13 +28,13 @@ SETTINGS = [(1.0, 0.0), (2.5, 0.3)]
 
 def make_inputs(N: int = 21, C_s: int = 24, C_t: int = 20, V: int = 150, *, seed: int = 0,
                 dtype: torch.dtype = torch.float64, device: str = "cpu") -> dict:
-    """h_s [N, C_s], w_s [V, C_s], h_t [N, C_t], w_t [V, C_t], labels [N]; logits of spread ~3 so the
-    distributions are neither flat nor one-hot."""
+    """h_s [N, C_s], w_s [V, C_s], h_t [N, C_t], w_t [V, C_t], labels [N]; logits of spread ~3 (as an
+    LM's) so the distributions are neither flat nor one-hot."""
     gen = torch.Generator().manual_seed(seed)
     x = {"h_s": torch.randn(N, C_s, generator=gen, dtype=torch.float64),
-         "w_s": torch.randn(V, C_s, generator=gen, dtype=torch.float64) * 0.6,
+         "w_s": torch.randn(V, C_s, generator=gen, dtype=torch.float64) * (3 / math.sqrt(C_s)),
          "h_t": torch.randn(N, C_t, generator=gen, dtype=torch.float64),
-         "w_t": torch.randn(V, C_t, generator=gen, dtype=torch.float64) * 0.6}
+         "w_t": torch.randn(V, C_t, generator=gen, dtype=torch.float64) * (3 / math.sqrt(C_t))}
     x = {k: v.to(dtype).to(device) for k, v in x.items()}
     x["labels"] = torch.randint(0, V, (N,), generator=gen).to(device)
     return x
@@ -50,13 +51,15 @@ def run(fn, x: dict, dtype: torch.dtype | None = None, **kwargs) -> dict[str, to
     return {"loss": loss, "stats": stats, "dh": dh, "dw": dw}
 
 
-def assert_matches(got: dict, ref: dict, tol: float) -> None:
+def assert_matches(got: dict, ref: dict, tol: float, top1_atol: float = 1e-12) -> None:
+    """loss, kl and both NLLs, dh and dw within relative error tol; top-1 agreement (a fraction of
+    tokens) within top1_atol: near-ties may flip a token's argmax at bf16 accumulation-order changes."""
     errors = {"loss": rel_err(got["loss"], ref["loss"]), "dh": rel_err(got["dh"], ref["dh"]),
               "dw": rel_err(got["dw"], ref["dw"])}
     errors.update({f"stats[{i}]": rel_err(got["stats"][i], ref["stats"][i]) for i in range(3)})
     bad = {k: e for k, e in errors.items() if not e <= tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
-    assert got["stats"][3].item() == pytest.approx(ref["stats"][3].item(), abs=1e-12)  # top-1: a count
+    assert got["stats"][3].item() == pytest.approx(ref["stats"][3].item(), abs=top1_atol)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -205,7 +208,7 @@ def test_gpu_triton_matches_reference_bf16(kind):
     kw = dict(kind=kind, beta=0.5, temperature=1.0, ce_weight=0.0)
     got = run(fused_linear_kl, x, backend="triton", **kw)
     ref = run(linear_kl_reference, x, torch.float32, **kw)
-    assert_matches(got, ref, 1e-2)
+    assert_matches(got, ref, 1e-2, top1_atol=1e-3)
 
 
 @pytest.mark.gpu
