@@ -32,18 +32,19 @@ _TORCH = {
 @lru_cache(maxsize=None)
 def _load_triton(op: str) -> Callable | str:
     """The Triton function for op ("wkv7", "wkv7_step", ...), or why it cannot be imported."""
-    module = f"kernels.{op.removesuffix('_step')}_triton"
+    # relative to this package, so the same dispatch runs from an exported model folder (distill-export)
+    module = f".{op.removesuffix('_step')}_triton"
     try:
-        return getattr(importlib.import_module(module), f"{op}_triton")
+        return getattr(importlib.import_module(module, __package__), f"{op}_triton")
     except (ImportError, AttributeError) as err:
-        return f"{module} does not provide {op}_triton ({err})"
+        return f"{__package__}{module} does not provide {op}_triton ({err})"
 
 
 @lru_cache(maxsize=None)
 def _triton_serves(N: int, dtypes: frozenset[torch.dtype]) -> bool:
     """Whether the Triton kernels take head size N and these input dtypes (they serve a few N only)."""
     try:
-        common = importlib.import_module("kernels.wkv_triton_common")
+        common = importlib.import_module(".wkv_triton_common", __package__)
     except ImportError:
         return False
     return N in common.SUPPORTED_N and dtypes <= set(common.SUPPORTED_DTYPES)
