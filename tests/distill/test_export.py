@@ -16,7 +16,7 @@ import torch
 from distill.export import export
 from models.student import StudentConfig, build_student
 from models.teacher import load_teacher
-from tests.distill.helpers import REPO, compose_train
+from tests.distill.helpers import ASSETS, REPO, compose_train
 
 LORAS = dict(w_lora=8, a_lora=8, v_lora=8, g_lora=8)
 STUDENTS = {
@@ -30,16 +30,18 @@ NEW_TOKENS = 100
 SITE_PACKAGES = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
 
 
-def write_checkpoint(teacher_path: Path, cfg: StudentConfig, out: Path, seed: int = 0):
+def write_checkpoint(teacher_path: Path, cfg: StudentConfig, out: Path, seed: int = 0, tokenizer: Path | None = None):
     """A distill-train-style checkpoint of a student whose new parameters are moved off their init
     (so every term shows in the outputs); returns (path, the fp32 student)."""
-    teacher, _ = load_teacher(str(teacher_path))
+    tokenizer = None if tokenizer is None else str(tokenizer)
+    teacher, _ = load_teacher(str(teacher_path), tokenizer=tokenizer)
     student = build_student(teacher, cfg)
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in student.new_parameters():
             p.add_(0.1 * torch.randn_like(p))
-    record = {"teacher": {"_target_": "models.teacher.load_teacher", "path": str(teacher_path), "tokenizer": None},
+    record = {"teacher": {"_target_": "models.teacher.load_teacher", "path": str(teacher_path),
+                          "tokenizer": tokenizer},
               "student": dataclasses.asdict(cfg), "data": {}}
     torch.save({"state_dict": {f"student.{k}": v for k, v in student.state_dict().items()},
                 "distill": {"config": record, "stage_index": 1}}, out)
@@ -126,3 +128,86 @@ def test_generation_memory_is_constant_in_rwkv_layers(exports, name):
             assert after_100[layer] - after_10[layer] == (104 - 10) * kv_per_token
         else:
             assert after_100[layer] == after_10[layer] > 0
+
+
+def _cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill.export", f"hydra.run.dir={cwd}/hydra", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_a_truncated_or_corrupted_checkpoint_is_one_clear_line(tiny_teacher, tmp_path):
+    ckpt, _ = write_checkpoint(tiny_teacher, STUDENTS["rad_rwkv7"], tmp_path / "a.ckpt")
+    data = ckpt.read_bytes()
+    for name, broken in (("truncated", data[: len(data) // 2]), ("corrupted", data[:100] + bytes(500) + data[600:])):
+        (tmp_path / f"{name}.ckpt").write_bytes(broken)
+        result = _cli(f"ckpt={tmp_path / name}.ckpt", f"out={tmp_path / name}", cwd=tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "truncated or corrupted" in errors[0]
+        assert "Traceback" not in result.stderr + result.stdout and not (tmp_path / name).exists()
+
+
+def test_a_non_empty_out_is_kept_unless_overwrite(tiny_teacher, tmp_path):
+    ckpt, student = write_checkpoint(tiny_teacher, STUDENTS["rad_rwkv7"], tmp_path / "a.ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _cli(f"ckpt={ckpt}", f"out={out}", cwd=tmp_path)
+    assert result.returncode == 2 and "overwrite=true" in result.stderr and "Traceback" not in result.stderr
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = _cli(f"ckpt={ckpt}", f"out={out}", "overwrite=true", "dtype=bf16", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (out / "keep.txt").exists() and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_a_zero_checkpoint_directory_exports(tiny_teacher, tmp_path):
+    """A real ZeRO-2 directory (two gloo ranks) exports; the folder computes the consolidated student."""
+    import torch.multiprocessing as mp
+
+    from distill.restore import from_checkpoint, from_export
+    from tests.distill.test_checkpoints import _free_port, _write_zero
+
+    ckpt = tmp_path / "last.ckpt"
+    mp.spawn(_write_zero, args=(2, _free_port(), 2, str(ckpt), str(tiny_teacher)), nprocs=2, join=True)
+    assert ckpt.is_dir()
+    export(export_cfg(tmp_path, f"ckpt={ckpt}", f"out={tmp_path / 'out'}"))
+    _, _, want, _ = from_checkpoint(ckpt)
+    _, _, got, provenance = from_export(tmp_path / "out")
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got.logits(ids), want.logits(ids), rtol=1e-6, atol=1e-6)
+    assert provenance["ckpt"] == str(ckpt.resolve())
+
+
+STORIES260K = ASSETS / "teachers" / "stories260K"
+
+
+def test_a_llama2c_student_exports_with_a_hf_tokenizer_of_the_same_ids(tmp_path):
+    if not (STORIES260K / "tok512.bin").is_file():
+        pytest.skip(f"test assets not found at {ASSETS} (set DISTILL_ASSETS)")
+    from transformers import AutoTokenizer
+
+    from distill.restore import from_export
+    from models.llama2c import Llama2cTokenizer
+
+    ckpt, student = write_checkpoint(STORIES260K / "stories260K.bin", StudentConfig(head_size=16, **LORAS),
+                                     tmp_path / "a.ckpt", tokenizer=STORIES260K / "tok512.bin")
+    export(export_cfg(tmp_path, f"ckpt={ckpt}", f"out={tmp_path / 'out'}"))
+    hf = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    ours = Llama2cTokenizer(STORIES260K / "tok512.bin")
+    stories = (ASSETS / "text" / "tinystories_valid_head45.txt").read_text().split("<|endoftext|>")
+    texts = stories + ["", "héllo wörld 你好 <s> x", "  two  spaces\n\nnew line"]
+    assert [hf.encode(t, add_special_tokens=False) for t in texts] == [ours.encode(t) for t in texts]
+    assert hf("Once upon").input_ids == ours.encode("Once upon", add_special_tokens=True)
+    ids = ours.encode(stories[0], add_special_tokens=True)
+    assert hf.decode(ids, skip_special_tokens=True) == ours.decode(ids, skip_special_tokens=True)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, len(hf)) == (1, 2, 0, 512)
+    _, _, exported, _ = from_export(tmp_path / "out")
+    ids = torch.tensor([ids[:64]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported.logits(ids), student.logits(ids), rtol=1e-6, atol=1e-6)
