@@ -256,8 +256,10 @@ class StudentLM(nn.Module):
         return self.lm_head(self(input_ids).last_hidden)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
-        """Greedy decoding: input_ids [B, T] -> [B, T + n], n <= max_new_tokens new tokens.
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+        """Greedy decoding (temperature 0) or sampling from softmax(logits / temperature):
+        input_ids [B, T] -> [B, T + n], n <= max_new_tokens new tokens.
 
         One parallel forward over the prompt, then one token per forward from the recurrent
         state: constant memory per token in RWKV layers, a growing KV cache in kept attention
@@ -268,7 +270,11 @@ class StudentLM(nn.Module):
         ids, out = input_ids, self(input_ids)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # [B]
         for step in range(max_new_tokens):
-            token = self.lm_head(out.last_hidden[:, -1]).argmax(-1)  # [B]
+            logits = self.lm_head(out.last_hidden[:, -1]).float()  # [B, V]
+            if temperature > 0:
+                token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                token = logits.argmax(-1)  # [B]
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
