@@ -140,7 +140,7 @@ def write_rwkv(student: StudentLM, out: Path, dtype: torch.dtype) -> list[str]:
     """out/model.pth: load with rwkv.model.RWKV(model=str(out / "model"), strategy=...) (RWKV_V7_ON=1).
     A dict of tensors only, so torch.load(weights_only=True) reads it."""
     check_native(student, "rwkv")
-    torch.save({k: v.to(dtype) for k, v in rwkv_state_dict(student).items()}, out / "model.pth")
+    torch.save({k: v.to("cpu", dtype) for k, v in rwkv_state_dict(student).items()}, out / "model.pth")
     return ["model.pth"]
 
 
@@ -148,7 +148,7 @@ def write_fla(student: StudentLM, tokenizer: Any, out: Path, dtype: torch.dtype,
               max_positions: int | None) -> list[str]:
     """out/config.json + model.safetensors: AutoModelForCausalLM.from_pretrained(out) after `import fla`."""
     check_native(student, "fla")
-    save_file({k: v.to(dtype) for k, v in fla_state_dict(student).items()}, out / "model.safetensors",
+    save_file({k: v.to("cpu", dtype) for k, v in fla_state_dict(student).items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(fla_config(student, tokenizer, max_positions, dtype), indent=2))
     return ["config.json", "model.safetensors"]

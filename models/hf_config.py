@@ -17,7 +17,7 @@ class RWKVDistillConfig(PretrainedConfig):
 
     def __init__(self, student: dict[str, Any] | None = None, teacher_shape: dict[str, Any] | None = None,
                  teacher_config: dict[str, Any] | None = None, rotary_class: str | None = None,
-                 distill: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 distill: dict[str, Any] | None = None, use_cache: bool = True, **kwargs: Any) -> None:
         """student: StudentConfig fields; teacher_shape: TeacherShape fields; teacher_config: the
         teacher's config.to_dict(); rotary_class: "module.Class" of the teacher's rotary embedding;
         distill: where the student came from (checkpoint, teacher path) for distill-eval."""
@@ -26,6 +26,7 @@ class RWKVDistillConfig(PretrainedConfig):
         self.teacher_config = teacher_config or {}
         self.rotary_class = rotary_class
         self.distill = distill or {}
+        self.use_cache = use_cache  # forward returns the recurrent state unless told not to
         shape = self.teacher_shape
         # the usual names, for tools that read them (lm-eval's max length, generation)
         self.vocab_size = shape.get("vocab_size")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import site
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +27,9 @@ STUDENTS = {
     "rwkv7_native": StudentConfig(time_mix="rwkv7", ffn="rwkv", norm="layer", **LORAS),
 }
 NEW_TOKENS = 100
-SITE_PACKAGES = next(p for p in site.getsitepackages() if p.endswith("site-packages"))
+# where torch and transformers live (Debian's Pythons name it dist-packages); only these reach the child
+SITE_PACKAGES = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+PASSED_ENV = ("PATH", "HOME", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_VISIBLE_DEVICES", "TRITON_CACHE_DIR")
 
 
 def write_checkpoint(teacher_path: Path, cfg: StudentConfig, out: Path, seed: int = 0, tokenizer: Path | None = None):
@@ -54,13 +56,13 @@ def export_cfg(tmp_path: Path, *overrides: str):
 
 def run_isolated(folders: list[Path], out: Path, **args) -> dict:
     """isolated_hf_check.py in `python -I -S` (no cwd, no PYTHONPATH, no .pth files: the project's
-    editable install is invisible) with a fresh transformers module cache."""
+    editable install is invisible; site-packages only) with a fresh transformers module cache."""
     job = out.with_suffix(".job.json")
     job.write_text(json.dumps({"folders": [str(f) for f in folders], "out": str(out), "args": args}))
-    env = {"HF_MODULES_CACHE": str(out.parent / "hf_modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-           "OMP_NUM_THREADS": "1"}
+    env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    env |= {"HF_MODULES_CACHE": str(out.parent / "hf_modules"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-I", "-S", str(REPO / "tests/distill/isolated_hf_check.py"),
-                             SITE_PACKAGES, str(job)], cwd=out.parent, env=env, capture_output=True, text=True,
+                             os.pathsep.join(SITE_PACKAGES), str(job)], cwd=out.parent, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(out.read_text())
@@ -211,3 +213,20 @@ def test_a_llama2c_student_exports_with_a_hf_tokenizer_of_the_same_ids(tmp_path)
     ids = torch.tensor([ids[:64]])
     with torch.no_grad():
         torch.testing.assert_close(exported.logits(ids), student.logits(ids), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_folder_runs_our_triton_kernels(tiny_teacher, tmp_path):
+    """The isolated folder on a GPU: its copy of kernels/ dispatches to the Triton WKV-7 kernels
+    (head size 16 is one they serve) and the logits are the fp32 training-time student's."""
+    ckpt, student = write_checkpoint(tiny_teacher, StudentConfig(head_size=16, **LORAS), tmp_path / "a.ckpt")
+    export(export_cfg(tmp_path, f"ckpt={ckpt}", f"out={tmp_path / 'folder'}"))
+    ids = torch.randint(0, 384, (2, 100), generator=torch.Generator().manual_seed(0))
+    result = run_isolated([tmp_path / "folder"], tmp_path / "results.json", ids=ids.tolist(), prompt="ROMEO:",
+                          new_tokens=20, device="cuda")[str(tmp_path / "folder")]
+    assert any(name.endswith(".wkv7_triton") for name in result["triton_modules"]), result["triton_modules"]
+    with torch.no_grad():
+        want = student.logits(ids)
+    got = torch.tensor(result["logits"])
+    assert ((got - want).norm() / want.norm()).item() <= 1e-4
+    assert result["generated"] == student.generate(ids[:1, :5], 20)[0].tolist()
