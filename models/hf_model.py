@@ -57,6 +57,7 @@ class RWKVDistillForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "student"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
+    _is_stateful = True  # a recurrent state: generate() must not roll tokens back (assisted decoding)
 
     def __init__(self, config: RWKVDistillConfig) -> None:
         super().__init__(config)
