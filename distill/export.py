@@ -81,8 +81,10 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.is_dir():
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
     partial.rename(out)
     print(f"exported {cfg.ckpt} as format={cfg.format} dtype={cfg.dtype} to {out}: {', '.join(files)}")
     return {"out": str(out), "format": cfg.format, "dtype": cfg.dtype, "files": files}
