@@ -30,23 +30,24 @@ _TORCH = {
 
 
 # Plain import statements, not importlib: torch.compile traces these (a lookup in sys.modules once the
-# module is loaded) and keeps the op in one graph; importlib would break the graph.
+# module is loaded) and keeps the op in one graph; importlib would break the graph. Relative, so the
+# same dispatch runs from an exported model folder's copy of this package (distill-export).
 def _load_triton(op: str) -> Callable | str:
     """The Triton function for op ("wkv7", "wkv7_step", ...), or why it cannot be imported."""
     try:
         if op.startswith("wkv7"):
-            from kernels import wkv7_triton as module
+            from . import wkv7_triton as module
         else:
-            from kernels import wkv6_triton as module
+            from . import wkv6_triton as module
     except ImportError as err:
-        return f"kernels.{op.removesuffix('_step')}_triton cannot be imported ({err})"
+        return f"{__package__}.{op.removesuffix('_step')}_triton cannot be imported ({err})"
     return getattr(module, f"{op}_triton")
 
 
 def _triton_serves(N: int, dtypes: frozenset[torch.dtype]) -> bool:
     """Whether the Triton kernels take head size N and these input dtypes (they serve a few N only)."""
     try:
-        from kernels import wkv_triton_common as common
+        from . import wkv_triton_common as common
     except ImportError:
         return False
     return N in common.SUPPORTED_N and dtypes <= set(common.SUPPORTED_DTYPES)

@@ -54,6 +54,11 @@ FFN: dict[str, Callable[[TeacherShape, StudentConfig, int], nn.Module]] = {
     "teacher": teacher_mlp,
     "rwkv": RWKV7ChannelMix,
 }
+LAYER_NORM_EPS = 1e-5  # RWKV-7's (the `rwkv` package and fla use it too)
+NORMS: dict[str, Callable[[TeacherShape], nn.Module]] = {
+    "rms": lambda shape: RMSNorm(shape.hidden_size, shape.rms_norm_eps),
+    "layer": lambda shape: nn.LayerNorm(shape.hidden_size, eps=LAYER_NORM_EPS),
+}
 
 
 @dataclass
@@ -70,6 +75,7 @@ class StudentConfig:
     backend: str = "auto"  # kernels.wkv7 backend
     attention_layers: list[int] = field(default_factory=list)  # hybrid: keep the teacher's attention here
     ffn: str = "teacher"  # key of FFN: "teacher" = its MLP, copied; "rwkv" = RWKV-7 channel mix, new
+    norm: str = "rms"  # key of NORMS: "rms" = the teacher's RMSNorms; "layer" = LayerNorms + ln0 (plain RWKV-7)
 
     @property
     def v_first_layer(self) -> int:
@@ -141,6 +147,8 @@ def resolve(cfg: StudentConfig, shape: TeacherShape) -> StudentConfig:
         raise ValueError(f"time_mix={cfg.time_mix!r} is unknown; valid: {sorted(TIME_MIX)}")
     if cfg.ffn not in FFN:
         raise ValueError(f"ffn={cfg.ffn!r} is unknown; valid: {sorted(FFN)}")
+    if cfg.norm not in NORMS:
+        raise ValueError(f"norm={cfg.norm!r} is unknown; valid: {sorted(NORMS)}")
     L = shape.num_layers
     if any(not isinstance(i, int) or not 0 <= i < L for i in cfg.attention_layers):
         raise ValueError(f"attention_layers={list(cfg.attention_layers)} must be layer indices of the "
@@ -184,11 +192,10 @@ class Block(nn.Module):
 
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__()
-        C = shape.hidden_size
         time_mix = TeacherAttention if layer_id in cfg.attention_layers else TIME_MIX[cfg.time_mix]
-        self.input_layernorm = RMSNorm(C, shape.rms_norm_eps)
+        self.input_layernorm = NORMS[cfg.norm](shape)
         self.time_mix = time_mix(shape, cfg, layer_id)
-        self.post_attention_layernorm = RMSNorm(C, shape.rms_norm_eps)
+        self.post_attention_layernorm = NORMS[cfg.norm](shape)
         self.mlp = FFN[cfg.ffn](shape, cfg, layer_id)
 
     def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], v_first: Tensor | None,
@@ -202,7 +209,9 @@ class Block(nn.Module):
 
 
 class StudentLM(nn.Module):
-    """embed_tokens -> blocks -> norm -> lm_head (untied). Built by build_student()."""
+    """embed_tokens -> (ln0) -> blocks -> norm -> lm_head (untied). Built by build_student().
+    ln0, a LayerNorm of the embeddings, exists only with norm="layer": RWKV-7 has it, and the
+    native runtimes apply it, so a plain RWKV-7 student must carry it."""
 
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, rotary_emb: nn.Module) -> None:
         """cfg must be resolved; rotary_emb is a copy of the teacher's (buffers only)."""
@@ -211,8 +220,9 @@ class StudentLM(nn.Module):
         self.shape = shape
         C = shape.hidden_size
         self.embed_tokens = nn.Embedding(shape.vocab_size, C)
+        self.ln0 = nn.LayerNorm(C, eps=LAYER_NORM_EPS) if cfg.norm == "layer" else None
         self.layers = nn.ModuleList(Block(shape, cfg, i) for i in range(shape.num_layers))
-        self.norm = RMSNorm(C, shape.rms_norm_eps)
+        self.norm = NORMS[cfg.norm](shape)
         self.lm_head = nn.Linear(C, shape.vocab_size, bias=False)
         self.rotary_emb = rotary_emb
 
@@ -227,6 +237,8 @@ class StudentLM(nn.Module):
         earlier call continues them (same outputs as one forward over all the tokens)."""
         start = 0 if state is None else state.position
         h = self.embed_tokens(input_ids)  # [B, T, C]
+        if self.ln0 is not None:
+            h = self.ln0(h)
         rope = self.rope(h, start)
         v_first = None
         hidden_states, time_mix_states, ffn_states = [], [], []
@@ -244,8 +256,10 @@ class StudentLM(nn.Module):
         return self.lm_head(self(input_ids).last_hidden)
 
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None) -> Tensor:
-        """Greedy decoding: input_ids [B, T] -> [B, T + n], n <= max_new_tokens new tokens.
+    def generate(self, input_ids: Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+        """Greedy decoding (temperature 0) or sampling from softmax(logits / temperature):
+        input_ids [B, T] -> [B, T + n], n <= max_new_tokens new tokens.
 
         One parallel forward over the prompt, then one token per forward from the recurrent
         state: constant memory per token in RWKV layers, a growing KV cache in kept attention
@@ -256,7 +270,11 @@ class StudentLM(nn.Module):
         ids, out = input_ids, self(input_ids)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # [B]
         for step in range(max_new_tokens):
-            token = self.lm_head(out.last_hidden[:, -1]).argmax(-1)  # [B]
+            logits = self.lm_head(out.last_hidden[:, -1]).float()  # [B, V]
+            if temperature > 0:
+                token = torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
+            else:
+                token = logits.argmax(-1)  # [B]
             if eos_token_id is not None:
                 token = token.masked_fill(done, eos_token_id)
                 done |= token == eos_token_id
@@ -292,13 +310,18 @@ class StudentLM(nn.Module):
 
     def new_parameters(self) -> Iterator[nn.Parameter]:
         """time_mix_parameters() plus the FFNs when cfg.ffn is not the teacher's MLP (then they are
-        new and untrained): every parameter that does not already do the teacher's job. The
+        new and untrained), and the norms when they are LayerNorms (the teacher's RMSNorm weights
+        with a new bias, and ln0): every parameter that does not already do the teacher's job. The
         trainer decides what a stage trains; note the align loss (time_mix_outputs) runs no FFN,
         so new FFNs learn only from losses over the full forward (kl, finetune)."""
         yield from self.time_mix_parameters()
         if self.config.ffn != "teacher":
             for block in self.layers:
                 yield from block.mlp.parameters()
+        if self.config.norm != "rms":
+            for norm in (self.ln0, self.norm, *(n for b in self.layers
+                                                for n in (b.input_layernorm, b.post_attention_layernorm))):
+                yield from norm.parameters()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -323,11 +346,17 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> StudentLM:
 
 def teacher_state(teacher: nn.Module, cfg: StudentConfig) -> dict[str, Tensor]:
     """The teacher's weights under the student's names (self_attn -> time_mix, no "model."),
-    without its MLPs when the student's FFN is not the teacher's."""
+    without its MLPs when the student's FFN is not the teacher's. LayerNorms (norm="layer") take
+    the RMSNorm weights (bias 0); ln0's weight is the teacher's embedding rows' mean standard
+    deviation, so that at init ln0 only re-centres each embedding and scales it to the typical size."""
     state = {}
     for key, value in teacher.state_dict().items():
         if "rotary_emb" in key or (".mlp." in key and cfg.ffn != "teacher"):
             continue
         key = key.removeprefix("model.").replace(".self_attn.", ".time_mix.")
         state[key] = value
+    if cfg.norm == "layer":
+        embeddings = teacher.model.embed_tokens.weight.float()  # [V, C]
+        scale = embeddings.std(dim=-1, unbiased=False).mean()
+        state["ln0.weight"] = torch.full_like(embeddings[0], scale.item())
     return state

@@ -6,6 +6,7 @@ Lightning's DeepSpeedStrategy.save_checkpoint makes), so consolidation is tested
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -18,25 +19,34 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from distill.checkpoints import CheckpointError, read_checkpoint
 from distill.module import DistillModule
 from models.student import StudentConfig, build_student
-from models.teacher import FrozenTeacher
+from models.teacher import FrozenTeacher, load_teacher
 
 
-def tiny_module() -> DistillModule:
+TINY_STUDENT = StudentConfig(w_lora=8, a_lora=8, v_lora=8, g_lora=8)
+
+
+def tiny_module(teacher_path: str = "") -> DistillModule:
+    """A random 2-layer teacher (or the HF teacher at teacher_path) and its RAD-RWKV7 student."""
     torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, intermediate_size=64, vocab_size=96)
-    teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-    student = build_student(teacher, StudentConfig(w_lora=8, a_lora=8, v_lora=8, g_lora=8))
+    if teacher_path:
+        teacher = load_teacher(teacher_path)[0]
+    else:
+        config = AutoConfig.for_model("llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=96)
+        teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+    student = build_student(teacher, TINY_STUDENT)
     return DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW)
 
 
-def _write_zero(rank: int, world_size: int, port: int, stage: int, out: str) -> None:
+def _write_zero(rank: int, world_size: int, port: int, stage: int, out: str, teacher_path: str = "") -> None:
+    """A ZeRO checkpoint as DeepSpeed writes it; with teacher_path, its record names that teacher
+    (as distill-train's does), so distill-eval and distill-export can rebuild the models."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    module = tiny_module()
+    module = tiny_module(teacher_path)
     module.student.embed_tokens.requires_grad_(False)  # a frozen part, as in the align stage
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
@@ -46,8 +56,11 @@ def _write_zero(rank: int, world_size: int, port: int, stage: int, out: str) -> 
     loss = engine.module.student(ids).last_hidden.square().mean()
     engine.backward(loss)
     engine.step()
-    engine.save_checkpoint(out, client_state={"distill": {"stage_index": 1}, "global_step": 1},
-                           tag="checkpoint")
+    record = {"stage_index": 1}
+    if teacher_path:
+        record["config"] = {"teacher": {"_target_": "models.teacher.load_teacher", "path": teacher_path},
+                            "student": dataclasses.asdict(TINY_STUDENT), "data": {}}
+    engine.save_checkpoint(out, client_state={"distill": record, "global_step": 1}, tag="checkpoint")
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         if rank == 0:
             torch.save({k: v.detach().clone().float() for k, v in engine.module.state_dict().items()},

@@ -63,7 +63,8 @@ def test_hub_presets_print_with_cfg_job(experiment, hub_id):
 
 
 @pytest.mark.parametrize("script, args", [("distill-train", ["--cfg", "job"]),
-                                          ("distill-eval", ["ckpt=x.ckpt", "text=x.txt", "--cfg", "job"])])
+                                          ("distill-eval", ["ckpt=x.ckpt", "text=x.txt", "--cfg", "job"]),
+                                          ("distill-export", ["ckpt=x.ckpt", "out=x", "--cfg", "job"])])
 def test_console_scripts_find_their_configs_from_any_directory(script, args, tmp_path):
     executable = Path(sys.executable).parent / script
     if not executable.exists():

@@ -186,6 +186,7 @@ def test_empty_data_is_one_clear_error(tiny_teacher, tmp_path):
     ["student=rwkv7"],
     ["student=rad_rwkv6"],
     ["student=rwkv7", "student.ffn=rwkv"],
+    ["student=rwkv7_native"],
     ["student=rad_rwkv7", "student.attention_layers=[1]"],
 ], ids=lambda o: " ".join(o))
 def test_smoke_runs_every_student_type_on_the_quickstart_teacher(student, shakespeare, tmp_path, tmp_path_factory):

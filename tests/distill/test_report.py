@@ -1,0 +1,79 @@
+"""distill-eval's conversion report, on a checkpoint and on its exported folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distill.evaluate import evaluate
+from distill.export import export
+from tests.distill.helpers import SHAKESPEARE, compose_train
+from tests.distill.test_export import STUDENTS, export_cfg, write_checkpoint
+
+SUMMARY_KEYS = {"teacher_nll", "student_nll", "teacher_ppl", "student_ppl", "kl", "top1_agreement", "eval_tokens"}
+REPORT_KEYS = {"alignment_errors", "nll_gap_by_position", "long_context", "samples", "continuation", "ckpt", "text"}
+FILES = {"eval.json", "long_context.json", "report.md", "alignment_errors.png", "nll_gap_by_position.png",
+         "long_context.png"}
+CONTEXTS = [32, 64, 128]
+
+
+def eval_cfg(ckpt: Path, text: Path, run_dir: Path):
+    overrides = [f"ckpt={ckpt}", f"text={text}", "document_separator=null", "seq_len=64", "batch_size=4",
+                 "eval_tokens=1024", "max_new_tokens=4", f"report.contexts.cpu={CONTEXTS}", "report.decode_steps=2",
+                 "report.sample_tokens=6", "report.num_prompts=2", "report.prompt_tokens=8"]
+    return compose_train(overrides, run_dir, run_dir.parent / "cache", name="eval")
+
+
+@pytest.fixture(scope="module")
+def reports(tiny_teacher, tmp_path_factory):
+    """distill-eval on a hybrid checkpoint and on its format=hf export."""
+    root = tmp_path_factory.mktemp("report")
+    text = root / "held_out.txt"
+    text.write_text(SHAKESPEARE.read_text()[-20_000:])
+    ckpt, student = write_checkpoint(tiny_teacher, STUDENTS["hybrid"], root / "a.ckpt")
+    export(export_cfg(root, f"ckpt={ckpt}", f"out={root / 'folder'}"))
+    return (student, evaluate(eval_cfg(ckpt, text, root / "from_ckpt")),
+            evaluate(eval_cfg(root / "folder", text, root / "from_export")), root)
+
+
+def test_the_report_files_exist_and_eval_json_has_every_key(reports):
+    _, from_ckpt, _, root = reports
+    run = root / "from_ckpt"
+    assert FILES <= {p.name for p in run.iterdir()}
+    saved = json.loads((run / "eval.json").read_text())
+    assert SUMMARY_KEYS | REPORT_KEYS <= set(saved)
+    assert len(saved["alignment_errors"]) == 2 and len(saved["nll_gap_by_position"]) == 64
+    assert [r["context"] for r in saved["long_context"]["rows"]] == CONTEXTS
+    assert len(saved["samples"]) == 2 and all(len(s) == 5 for s in saved["samples"])
+    for png in FILES - {"eval.json", "long_context.json", "report.md"}:
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (run / "report.md").read_text()
+    assert all(f"]({png})" in md for png in FILES if png.endswith(".png"))
+    assert f"{saved['student_ppl']:.3f}" in md
+
+
+def test_the_export_evaluates_as_the_checkpoint(reports):
+    _, from_ckpt, from_export, _ = reports
+    for key in ("student_nll", "teacher_nll", "kl"):
+        assert abs(from_export[key] - from_ckpt[key]) <= 1e-4, key
+    assert from_export["top1_agreement"] == pytest.approx(from_ckpt["top1_agreement"], abs=1e-3)
+    assert from_export["alignment_errors"] == pytest.approx(from_ckpt["alignment_errors"], abs=1e-5)
+    assert from_export["nll_gap_by_position"] == pytest.approx(from_ckpt["nll_gap_by_position"], abs=1e-4)
+    greedy = [(s["teacher_greedy"], s["student_greedy"]) for s in from_ckpt["samples"]]
+    assert [(s["teacher_greedy"], s["student_greedy"]) for s in from_export["samples"]] == greedy
+
+
+def test_long_context_cost_the_kv_cache_grows_the_state_does_not(reports):
+    """Bytes read per new token: the teacher's KV cache holds 2 (K, V) x layers x H_kv x D floats per
+    token; the hybrid student's only in its one kept attention layer, its RWKV layer a fixed state."""
+    student, from_ckpt, _, _ = reports
+    rows = from_ckpt["long_context"]["rows"]
+    shape = student.shape
+    per_token = 2 * shape.num_kv_heads * shape.head_dim * 4  # fp32, one layer
+    for a, b in zip(rows, rows[1:]):
+        grown = b["context"] - a["context"]
+        assert b["teacher"]["state_bytes"] - a["teacher"]["state_bytes"] == grown * per_token * shape.num_layers
+        assert b["student"]["state_bytes"] - a["student"]["state_bytes"] == grown * per_token
+        assert all(r[m]["seconds_per_token"] > 0 for r in (a, b) for m in ("teacher", "student"))
