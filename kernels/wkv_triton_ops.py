@@ -13,6 +13,7 @@ cached, deterministic function of them (kernels/wkv_triton_walk.py::plan_segment
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -22,7 +23,9 @@ from torch import Tensor
 from kernels.wkv_triton_common import block_v, chunk_layout
 from kernels.wkv_triton_walk import Saved, plan_segments
 
-NAMESPACE = "rwkv_distill"
+# One namespace per copy of this package: an exported model folder carries its own copy (distill-export),
+# which may be loaded beside ours in one process, and an op name registers only once.
+NAMESPACE = "rwkv_distill_" + re.sub(r"\W", "_", __name__.rpartition(".")[0] or "kernels")
 
 
 def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
