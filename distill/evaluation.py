@@ -31,10 +31,11 @@ def compare_on_batches(teacher, student, batches: Iterable[dict[str, Tensor]],
         student_seconds += time.perf_counter() - started
         out = linear_kl(student_out.last_hidden, head_weight(student.lm_head), teacher_out.last_hidden,
                         head_weight(teacher.lm_head), labels=labels, chunk_tokens=chunk_tokens)
+        counted = int(out.tokens)
         for key, mean in (("kl", out.kl), ("student_nll", out.student_nll), ("teacher_nll", out.teacher_nll),
                           ("top1", out.top1)):
-            sums[key] += mean.item() * out.tokens
-        tokens += out.tokens
+            sums[key] += mean.item() * counted
+        tokens += counted
     if tokens == 0:
         raise ValueError("evaluation got no held-out tokens: the held-out split is empty")
     means = {k: v / tokens for k, v in sums.items()}

@@ -40,7 +40,7 @@ class LinearKLResult:
     student_nll: Tensor  # mean -log p_student(label) at temperature 1 (exp: perplexity); NaN without labels
     teacher_nll: Tensor  # mean -log p_teacher(label) at temperature 1; NaN without labels
     top1: Tensor  # fraction of tokens where argmax teacher == argmax student
-    tokens: int  # counted tokens
+    tokens: Tensor | int  # counted tokens (a device tensor with labels: counting reads nothing back)
 
 
 def head_weight(head: nn.Linear) -> Tensor:
@@ -92,16 +92,12 @@ def linear_kl(
         labels = labels.reshape(-1)
         if labels.shape[0] != h_s.shape[0]:
             raise ValueError(f"labels hold {labels.shape[0]} tokens, the hidden states {h_s.shape[0]}")
-        keep = labels != ignore_index
-        h_s, h_t, labels = h_s[keep], h_t[keep], labels[keep]
-        if labels.numel() and ((labels < 0) | (labels >= w_s.shape[0])).any():
-            raise ValueError(f"labels must be ignore_index={ignore_index} or in [0, {w_s.shape[0]}), got values "
-                             f"in [{labels.min().item()}, {labels.max().item()}]")
-    tokens = h_s.shape[0]
-    if tokens == 0:
-        raise ValueError("linear_kl got a batch with no counted tokens (every label is ignore_index)")
+    if h_s.shape[0] == 0:
+        raise ValueError("linear_kl got no tokens")
     loss, sums = fused_linear_kl(h_s, w_s, h_t, w_t, labels, temperature=temperature, kind=kind, beta=beta,
-                                 ce_weight=ce_weight, backend=backend, chunk_tokens=chunk_tokens)
-    kl, student_nll, teacher_nll, top1 = (sums / tokens).unbind()
+                                 ce_weight=ce_weight, ignore_index=ignore_index, backend=backend,
+                                 chunk_tokens=chunk_tokens)
+    tokens = h_s.shape[0] if labels is None else (labels != ignore_index).sum()
+    kl, student_nll, teacher_nll, top1 = (sums / (tokens.clamp_min(1) if labels is not None else tokens)).unbind()
     return LinearKLResult(loss=loss, kl=kl, student_nll=student_nll, teacher_nll=teacher_nll, top1=top1,
                           tokens=tokens)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from kernels.linear_kl_torch import linear_kl_torch
+from kernels.linear_kl_torch import accumulate_dtype, linear_kl_torch
 
 KINDS = ("forward", "reverse", "jsd")
 BACKENDS = ("auto", "torch", "triton")
@@ -44,11 +44,11 @@ def _load_triton() -> Callable | str:
 
 
 def _select(backend: str, device: torch.device, dtypes: tuple[torch.dtype, torch.dtype],
-            chunk_tokens: int) -> Callable:
+            chunk_tokens: int, ignore_index: int) -> Callable:
     """The backend function for inputs on device whose (student, teacher) matmuls run in dtypes."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    torch_fn = partial(linear_kl_torch, chunk_tokens=chunk_tokens)
+    torch_fn = partial(linear_kl_torch, chunk_tokens=chunk_tokens, ignore_index=ignore_index)
     if backend == "torch":
         return torch_fn
     if backend == "auto":
@@ -66,27 +66,27 @@ def _select(backend: str, device: torch.device, dtypes: tuple[torch.dtype, torch
     return found
 
 
-def _mean_loss(sums: Tensor, tokens: int, ce_weight: float) -> Tensor:
-    """tau^2 mean D (+ ce_weight mean CE) from the backend's sums [4]."""
+def _mean_loss(sums: Tensor, tokens: int | Tensor, ce_weight: float) -> Tensor:
+    """tau^2 mean D (+ ce_weight mean CE) from the backend's sums [4] over the counted tokens."""
     total = sums[0] + ce_weight * sums[1] if ce_weight else sums[0]
-    return total / tokens
+    return total / (tokens.clamp_min(1) if isinstance(tokens, Tensor) else tokens)
 
 
 class _FusedLinearKL(torch.autograd.Function):
     """loss, sums = run(need_dh, need_dw)'s; gradients for h_s and w_s only (the teacher is frozen)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, run, ce_weight):
+    def forward(ctx, h_s, w_s, h_t, w_t, run, ce_weight, count):
         sums, dh, dw = run(ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(None if dh is None else dh.to(h_s.dtype), None if dw is None else dw.to(w_s.dtype))
         ctx.mark_non_differentiable(sums)
-        return _mean_loss(sums, h_s.shape[0], ce_weight), sums
+        return _mean_loss(sums, count, ce_weight), sums
 
     @staticmethod
     def backward(ctx, grad_loss, grad_sums):
         dh, dw = ctx.saved_tensors
         return (None if dh is None else dh * grad_loss, None if dw is None else dw * grad_loss,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _check(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None, temperature: float,
@@ -113,10 +113,12 @@ def _check(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | 
 def fused_linear_kl(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None = None, *,
     temperature: float = 1.0, kind: str = "forward", beta: float = 0.5, ce_weight: float = 0.0,
-    backend: str = "auto", chunk_tokens: int = 1024,
+    ignore_index: int = -100, backend: str = "auto", chunk_tokens: int = 1024,
 ) -> tuple[Tensor, Tensor]:
-    """loss = tau^2 mean D + ce_weight mean CE over the N tokens, and sums [4] (no gradient) over them of
-    [tau^2 D, student NLL, teacher NLL, top-1 agreement]; NLLs at temperature 1, NaN without labels.
+    """loss = tau^2 mean D + ce_weight mean CE over the counted tokens, and sums [4] (no gradient) over
+    them of [tau^2 D, student NLL, teacher NLL, top-1 agreement] (NLLs at temperature 1, NaN without
+    labels). Tokens labelled ignore_index do not count; they are masked by weights, found without a
+    host read-back. A batch with no counted token has loss 0.
 
     h_s [N, C_s] student final hidden states, w_s [V, C_s] its head; h_t [N, C_t], w_t [V, C_t] the
     teacher's; labels [N] next tokens (all counted) or None. D per kind: forward KL(p_t || p_s), reverse
@@ -126,14 +128,20 @@ def fused_linear_kl(
     """
     _check(h_s, w_s, h_t, w_t, labels, temperature, kind, beta, ce_weight)
     dt_s, dt_t = matmul_dtype(h_s, w_s), matmul_dtype(h_t, w_t)
-    fn = _select(backend, h_s.device, (dt_s, dt_t), chunk_tokens)
+    fn = _select(backend, h_s.device, (dt_s, dt_t), chunk_tokens, ignore_index)
+    count, row_scale = h_s.shape[0], None
+    if labels is not None:  # masks by weights, not by indexing: a boolean index would read back its size
+        counted = (labels != ignore_index).to(accumulate_dtype(h_s.dtype))
+        count = counted.sum()
+        row_scale = counted / count.clamp_min(1)
 
     def run(need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         with torch.autocast(h_s.device.type, enabled=False):
             return fn(h_s.to(dt_s), w_s.to(dt_s), h_t.to(dt_t), w_t.to(dt_t), labels, temperature=temperature,
-                      kind=kind, beta=beta, ce_weight=ce_weight, need_dh=need_dh, need_dw=need_dw)
+                      kind=kind, beta=beta, ce_weight=ce_weight, need_dh=need_dh, need_dw=need_dw,
+                      row_scale=row_scale)
 
     if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
-        return _FusedLinearKL.apply(h_s, w_s, h_t, w_t, run, ce_weight)
+        return _FusedLinearKL.apply(h_s, w_s, h_t, w_t, run, ce_weight, count)
     sums, _, _ = run(False, False)
-    return _mean_loss(sums, h_s.shape[0], ce_weight), sums
+    return _mean_loss(sums, count, ce_weight), sums

@@ -77,40 +77,47 @@ def divergence(logp_t: Tensor, logp_s: Tensor, kind: str, beta: float, need_grad
 
 
 def chunk_terms(x_t: Tensor, x_s: Tensor, labels: Tensor | None, *, temperature: float, kind: str,
-                beta: float, ce_weight: float, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Sums over one chunk's tokens of [tau^2 D, student NLL, teacher NLL, top-1 agreement] ([4]; the
-    NLLs NaN without labels), and dz = d(sum of tau^2 D + ce_weight * CE)/d x_s [n, V] when need_grad.
+                beta: float, ce_weight: float, need_grad: bool, weight: Tensor | None = None,
+                ignore_index: int = -100) -> tuple[Tensor, Tensor | None]:
+    """Sums over one chunk's counted tokens of [tau^2 D, student NLL, teacher NLL, top-1 agreement] ([4];
+    the NLLs NaN without labels), and dz = d(sum of tau^2 D + ce_weight * CE)/d x_s [n, V] when need_grad
+    (rows of uncounted tokens included: the caller scales rows by weight).
 
-    x_t, x_s: [n, V] logits before the temperature; labels: [n] or None. NLLs and CE are at temperature 1.
+    x_t, x_s: [n, V] logits before the temperature; labels: [n] or None (ignore_index: not counted);
+    weight: [n] 1 for counted tokens, 0 else (None: all count). NLLs and CE are at temperature 1.
     """
     tau = temperature
     logp_t = F.log_softmax(x_t / tau, -1)
     logp_s = F.log_softmax(x_s / tau, -1)
     d, dd = divergence(logp_t, logp_s, kind, beta, need_grad)
+    agree = (x_t.argmax(-1) == x_s.argmax(-1)).to(x_s.dtype)
+    if weight is not None:
+        d, agree = d * weight, agree * weight
     if labels is None:
         nll_s = nll_t = x_s.new_tensor(math.nan)
     else:
-        nll_s = F.cross_entropy(x_s, labels, reduction="sum")
-        nll_t = F.cross_entropy(x_t, labels, reduction="sum")
-    agree = (x_t.argmax(-1) == x_s.argmax(-1)).sum().to(x_s.dtype)
-    sums = torch.stack([tau**2 * d.sum(), nll_s, nll_t, agree])
+        nll_s = F.cross_entropy(x_s, labels, reduction="sum", ignore_index=ignore_index)
+        nll_t = F.cross_entropy(x_t, labels, reduction="sum", ignore_index=ignore_index)
+    sums = torch.stack([tau**2 * d.sum(), nll_s, nll_t, agree.sum()])
     if not need_grad:
         return sums, None
     dz = dd.mul_(tau)  # tau^2 D(x / tau): the chain rule's 1/tau leaves one tau
     if ce_weight != 0:
-        dz.add_(F.softmax(x_s, -1).sub_(F.one_hot(labels, x_s.shape[-1]).to(x_s.dtype)), alpha=ce_weight)
+        onehot = F.one_hot(labels.clamp_min(0), x_s.shape[-1]).to(x_s.dtype)  # ignored rows are scaled to 0
+        dz.add_(F.softmax(x_s, -1).sub_(onehot), alpha=ce_weight)
     return sums, dz
 
 
 def linear_kl_torch(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None, *,
     temperature: float, kind: str, beta: float, ce_weight: float, need_dh: bool, need_dw: bool,
-    chunk_tokens: int = 1024,
+    row_scale: Tensor | None = None, ignore_index: int = -100, chunk_tokens: int = 1024,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """(sums [4], dh_s [N, C_s] | None, dW_s [V, C_s] | None) of the mean loss over the N tokens.
+    """(sums [4], dh_s [N, C_s] | None, dW_s [V, C_s] | None) of the mean loss over the counted tokens.
 
     h_s [N, C_s], w_s [V, C_s], h_t [N, C_t], w_t [V, C_t] in their matmul dtypes; labels [N] or None.
-    sums as chunk_terms's; dh_s in h_s's dtype, dW_s in accumulate_dtype.
+    row_scale [N]: each token's share of the mean (weight / count; None: 1 / N). sums as chunk_terms's;
+    dh_s in h_s's dtype, dW_s in accumulate_dtype.
     """
     N = h_s.shape[0]
     sums = h_s.new_zeros(4, dtype=accumulate_dtype(h_s.dtype))
@@ -121,11 +128,13 @@ def linear_kl_torch(
         rows = slice(start, start + chunk_tokens)
         x_t = matmul_acc(h_t[rows], w_t.t())  # [n, V]
         x_s = matmul_acc(h_s[rows], w_s.t())
+        scale = None if row_scale is None else row_scale[rows]
         part, dz = chunk_terms(x_t, x_s, None if labels is None else labels[rows], temperature=temperature,
-                               kind=kind, beta=beta, ce_weight=ce_weight, need_grad=need_grad)
+                               kind=kind, beta=beta, ce_weight=ce_weight, need_grad=need_grad,
+                               weight=None if scale is None else (scale > 0).to(x_s.dtype), ignore_index=ignore_index)
         sums += part
-        if dz is not None:
-            dz = dz.div_(N).to(h_s.dtype)  # the loss is the mean over tokens
+        if dz is not None:  # the loss is the mean over the counted tokens
+            dz = (dz.div_(N) if scale is None else dz.mul_(scale[:, None].to(dz.dtype))).to(h_s.dtype)
             if need_dh:
                 dh[rows] = dz @ w_s
             if need_dw:

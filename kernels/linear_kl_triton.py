@@ -368,9 +368,11 @@ def _jsd_terms(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, lse_t: Tensor
 
 def _gradients(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, y: Tensor | None, rows: Tensor, *,
                kind: str, temperature: float, beta: float, ce_weight: float, need_dh: bool, need_dw: bool,
-               L: _Launch) -> tuple[Tensor | None, Tensor | None]:
+               row_scale: Tensor | None, L: _Launch) -> tuple[Tensor | None, Tensor | None]:
     """dh_s [N, C_s] and dW_s [V, C_s] (fp32): dz per token chunk (pass 3), then cuBLAS products.
-    rows [4, N]: lse_t, lse_s, lse1_s, and the divergence (reverse) or KL(p_s || m) (jsd)."""
+    rows [4, N]: lse_t, lse_s, lse1_s, and the divergence (reverse) or KL(p_s || m) (jsd).
+    row_scale [N]: each token's share of the mean (None: 1 / N). Scaling dz's rows commutes with both
+    products, so it scales dh's rows and h_s's rows in dW instead: the kernel stays one for both cases."""
     chunk = min(L.N, _dz_rows(L.V, h_s.element_size(), L.blocks))
     dz_buffer = h_s.new_empty(chunk, L.V)
     dh = torch.empty_like(h_s) if need_dh else None
@@ -382,24 +384,26 @@ def _gradients(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, y: Tensor | N
         _dz_kernel[L.grid(end - start)](
             h_t[start:end], w_t, h_s[start:end], w_s, y[start:end] if has_ce else None,
             rows[:, start:end].contiguous(), dz, end - start, L.V, L.CT, L.CS, L.n_splits, 1.0 / temperature,
-            temperature, beta, ce_weight, 1.0 / L.N, KIND=KIND_CODES[kind], TWO_TEMPS=temperature != 1.0,
-            HAS_CE=has_ce, **L.meta(), **L.models())
+            temperature, beta, ce_weight, 1.0 / L.N if row_scale is None else 1.0, KIND=KIND_CODES[kind],
+            TWO_TEMPS=temperature != 1.0, HAS_CE=has_ce, **L.meta(), **L.models())
+        scale = None if row_scale is None else row_scale[start:end, None]
         if need_dh:
-            dh[start:end] = dz @ w_s
+            dh[start:end] = dz @ w_s if scale is None else (dz @ w_s) * scale.to(h_s.dtype)
         if need_dw:
-            addmm_acc(dw, dz.t(), h_s[start:end])
+            addmm_acc(dw, dz.t(), h_s[start:end] if scale is None else h_s[start:end] * scale.to(h_s.dtype))
     return dh, dw
 
 
 def linear_kl_triton(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None, *,
     temperature: float, kind: str, beta: float, ce_weight: float, need_dh: bool, need_dw: bool,
-    blocks: Blocks | None = None,
+    row_scale: Tensor | None = None, blocks: Blocks | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(sums [4], dh_s [N, C_s] | None, dW_s [V, C_s] fp32 | None), as kernels.linear_kl_torch.linear_kl_torch.
 
     h_s [N, C_s], w_s [V, C_s], h_t [N, C_t], w_t [V, C_t]: bf16, fp16 or fp32 (IEEE dots), each
-    model's pair in one dtype; labels [N] or None.
+    model's pair in one dtype; labels [N] or None; row_scale [N] as in linear_kl_torch (an ignored label
+    matches no vocabulary entry, and its token's row_scale is 0).
     """
     h_s, w_s, h_t, w_t = (x.contiguous() for x in (h_s, w_s, h_t, w_t))
     blk = blocks or blocks_for(h_s.device)
@@ -418,10 +422,16 @@ def linear_kl_triton(
     nan = torch.full_like(d, float("nan"))
     nll_s = nan if y is None else st["lse1_s"] - st["lab_s"]
     nll_t = nan if y is None else st["lse1_t"] - st["lab_t"]
-    sums = torch.stack([temperature**2 * d.sum(), nll_s.sum(), nll_t.sum(), st["top1"].sum().float()])
+    top1 = st["top1"].float()
+    if row_scale is not None:  # only counted tokens enter the sums
+        counted = (row_scale > 0).float()
+        d_sum, nll_s, nll_t, top1 = (d * counted).sum(), nll_s * counted, nll_t * counted, top1 * counted
+    else:
+        d_sum = d.sum()
+    sums = torch.stack([temperature**2 * d_sum, nll_s.sum(), nll_t.sum(), top1.sum()])
     if not (need_dh or need_dw):
         return sums, None, None
     rows = torch.stack([st["lse_t"], st["lse_s"], st["lse1_s"], aux])  # [4, N]
     dh, dw = _gradients(h_s, w_s, h_t, w_t, y, rows, kind=kind, temperature=temperature, beta=beta,
-                        ce_weight=ce_weight, need_dh=need_dh, need_dw=need_dw, L=L)
+                        ce_weight=ce_weight, need_dh=need_dh, need_dw=need_dw, row_scale=row_scale, L=L)
     return sums, dh, dw

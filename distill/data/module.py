@@ -105,7 +105,7 @@ class DistillDataModule(LightningDataModule):
         bound = {"teacher": teacher, "tokenizer": tokenizer, "cache_dir": cache_dir}
         self.source = source.bind(**bound)
         self.heldout_source = None if heldout_source is None else heldout_source.bind(**bound)
-        self.tokenizer, self.cache_dir = tokenizer, Path(cache_dir)
+        self.tokenizer, self.cache_dir, self.teacher = tokenizer, Path(cache_dir), teacher
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.num_workers, self.eval_tokens = num_workers, eval_tokens
         self._streams: dict[str, TokenStream] = {}
@@ -120,8 +120,21 @@ class DistillDataModule(LightningDataModule):
         if name not in self._streams:
             source, split = self._split_source(name)
             directory = token_cache_dir(self.cache_dir, source, self.tokenizer)
-            self._streams[name] = cached_stream(directory, split, source, self.tokenizer)
+            self._streams[name] = self._check_vocabulary(cached_stream(directory, split, source, self.tokenizer))
         return self._streams[name]
+
+    def _check_vocabulary(self, stream: TokenStream) -> TokenStream:
+        """Every id must index the models' vocabulary: checked once per stream on the host, so that the
+        training step needs no check (the fused KL would otherwise read labels back every step)."""
+        vocab = getattr(getattr(self.teacher, "config", None), "vocab_size", None)
+        if vocab is not None and stream.num_tokens:
+            top = int(stream.array().max())
+            if top >= vocab:
+                raise ValueError(f"token cache {stream.path} holds id {top}, but the teacher's vocabulary has "
+                                 f"{vocab} entries: the tokenizer ({type(self.tokenizer).__name__}, "
+                                 f"{len(self.tokenizer)} entries) does not belong to this teacher; pass its own "
+                                 "tokenizer (teacher.tokenizer=...)")
+        return stream
 
     def prepare_data(self) -> None:
         self.stream("train")

@@ -145,3 +145,15 @@ def test_train_sampler_starts_after_the_samples_all_ranks_consumed(tmp_path, tok
     assert (sampler.start, sampler.rank, sampler.world_size, sampler.seed) == (2 * 2 * 3 * 2, 1, 2, 11)
     dm.trainer = None
     assert (dm.train_dataloader().sampler.start, dm.train_dataloader().sampler.world_size) == (0, 1)
+
+
+def test_ids_outside_the_teachers_vocabulary_are_refused_once_per_stream(tmp_path, tok):
+    """The training step takes labels as they come (no per-step check on the device): a tokenizer that
+    does not belong to the teacher is caught here, naming the id and the vocabulary size."""
+    from types import SimpleNamespace
+
+    small = SimpleNamespace(config=SimpleNamespace(vocab_size=5))  # WORDS ids reach 9
+    with pytest.raises(ValueError, match=r"holds id \d+, but the teacher's vocabulary has 5 entries"):
+        make_module(tmp_path, tok, teacher=small).prepare_data()
+    fits = SimpleNamespace(config=SimpleNamespace(vocab_size=len(tok)))
+    make_module(tmp_path, tok, teacher=fits).prepare_data()

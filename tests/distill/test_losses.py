@@ -75,9 +75,14 @@ def test_linear_kl_skips_ignored_labels(backend):
     for field in ("loss", "kl", "student_nll", "teacher_nll", "top1"):
         torch.testing.assert_close(getattr(out, field), getattr(kept, field), rtol=1e-6, atol=0)
     assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
-    torch.testing.assert_close(grad, grad_kept, rtol=1e-6, atol=1e-9)
-    with pytest.raises(ValueError, match="no counted tokens"):
-        _linear_kl(head_t, head_s, h_t, h_s, torch.full_like(labels, -100))
+    # relative to the whole gradient: single fp32 entries near zero carry cancellation error
+    err = ((grad - grad_kept).norm() / grad_kept.norm()).item()
+    assert err <= (1e-12 if dtype == torch.float64 else 1e-6), err
+    # a batch with no counted token adds nothing: loss 0, no gradient, count 0
+    h_s.grad = None
+    empty = _linear_kl(head_t, head_s, h_t, h_s, torch.full_like(labels, -100))
+    empty.loss.backward()
+    assert empty.loss.item() == 0 and int(empty.tokens) == 0 and not h_s.grad.any()
 
 
 def test_linear_kl_uses_the_shared_prefix_of_a_padded_teacher_head(caplog):
@@ -97,14 +102,6 @@ def test_linear_kl_uses_the_shared_prefix_of_a_padded_teacher_head(caplog):
     assert len(warnings) == 1 and "56 rows" in warnings[0].getMessage()
     with pytest.raises(ValueError, match="teacher head has 44 rows, fewer than the student's 50"):
         linear_kl(h_s, head_s.weight, h_t, head_t.weight[:44], labels=labels)
-
-
-@pytest.mark.parametrize("bad_label, match", [(50, r"in \[0, 50\)"), (-3, r"in \[0, 50\)")])
-def test_linear_kl_rejects_labels_outside_the_vocabulary(bad_label, match):
-    head_t, head_s, h_t, h_s, labels = _heads_and_states()
-    labels[0, 0] = bad_label
-    with pytest.raises(ValueError, match=match):
-        _linear_kl(head_t, head_s, h_t, h_s, labels)
 
 
 def test_kl_is_zero_for_identical_models():

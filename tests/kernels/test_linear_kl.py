@@ -112,13 +112,15 @@ def test_triton_bf16_matches_reference():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_zero_ce_weight_sends_no_ce_gradient(backend):
-    """With ce_weight = 0 the gradient is exactly the one of a call that has no labels at all."""
+    """With ce_weight = 0 the gradient is the one of a call that has no labels at all, up to rounding
+    (labels weigh each counted token by 1 / count, no labels divide by N)."""
     x = make_inputs()
     dtype = torch.float64 if backend == "torch" else torch.float32
     with_labels = run(fused_linear_kl, x, dtype, backend=backend, kind="jsd", ce_weight=0.0)
     no_labels = run(fused_linear_kl, {**x, "labels": None}, dtype, backend=backend, kind="jsd")
-    assert torch.equal(with_labels["dh"], no_labels["dh"]) and torch.equal(with_labels["dw"], no_labels["dw"])
-    assert torch.equal(with_labels["loss"], no_labels["loss"])
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    assert rel_err(with_labels["dh"], no_labels["dh"]) <= tol and rel_err(with_labels["dw"], no_labels["dw"]) <= tol
+    assert rel_err(with_labels["loss"], no_labels["loss"]) <= tol
     assert math.isnan(no_labels["stats"][1].item()) and math.isnan(no_labels["stats"][2].item())
     ce = run(fused_linear_kl, x, dtype, backend=backend, kind="jsd", ce_weight=0.5)
     assert rel_err(ce["dh"], with_labels["dh"]) > 0.1  # the CE term does reach the gradient when asked
