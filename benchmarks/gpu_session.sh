@@ -26,7 +26,7 @@ for spec in "$@"; do
         job) cmd="python3 benchmarks/throughput.py --out $OUT/job.json --shapes 0.5b --seqs 512 --anchors '' --steps 5 --job /tmp/job --job-steps 100" ;;
         gpu_tests) cmd="python3 -m pytest -q -m gpu -p no:cacheprovider -x tests" ;;
         strategies) cmd="python3 -m pytest -q -m gpu -p no:cacheprovider tests/distill/test_strategies_gpu.py" ;;
-        kl) cmd="python3 -m pytest -q -m gpu -p no:cacheprovider -k 'kl' tests && python3 benchmarks/kl_memory.py --out $OUT/kl_memory.json" ;;
+        kl) cmd="python3 -m pytest -q -m gpu -p no:cacheprovider -k 'kl' tests && python3 benchmarks/kl_memory.py --out $OUT/kl_memory.json --variants default,bv64_s4,s2" ;;
         export) cmd="OUT=$OUT/export bash benchmarks/export_gpu.sh" ;;
         wkv) cmd="python3 benchmarks/wkv.py --out $OUT/wkv.json --shapes 16x512x14x64,32x512x16x64 --budget_s $((limit - 60))" ;;
         *) echo "unknown step $step"; continue ;;
@@ -34,3 +34,7 @@ for spec in "$@"; do
     timeout "$limit" bash -c "$cmd" 2>&1 | tee "$OUT/$step.log" | tail -n 40
     echo "=== $step: exit ${PIPESTATUS[0]} $(date -u +%H:%M:%S)"
 done
+# At most 8 files come back from $OUT: everything small goes back as one archive (no weights, no checkpoints)
+(cd "$OUT" && tar czf /tmp/session.tgz --exclude='*.safetensors' --exclude='*.ckpt' --exclude=checkpoints \
+    --exclude=cache --exclude='*.pth' . && rm -rf "${OUT:?}"/* && mv /tmp/session.tgz "$OUT/")
+ls -la "$OUT"
