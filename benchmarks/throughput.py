@@ -212,8 +212,9 @@ def bench_distill(shape: str, seq: int, steps: int, compile_: bool, peak: float)
     return rows
 
 
-def host_syncs(step) -> int:
-    """Synchronizing CUDA calls one step makes (torch's sync debug mode counts them as warnings)."""
+def host_syncs(step) -> dict:
+    """Synchronizing CUDA calls one step makes (torch's sync debug mode reports them as warnings), and
+    where in Python each was made."""
     import warnings
 
     torch.cuda.synchronize()
@@ -224,7 +225,8 @@ def host_syncs(step) -> int:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(syncs), "where": sorted({f"{w.filename}:{w.lineno}" for w in syncs})}
 
 
 def kernel_means(fn, repeats: int = 3) -> dict[str, float]:
@@ -402,7 +404,9 @@ def print_table(results: dict) -> None:
         split = " ".join(f"{k}={v:.1f}" for k, v in r.get("split_ms", {}).items())
         print(f"{r['model']:<18} {r['shape']:>5} {r['seq']:>5} {str(r.get('compile', '')):>4} {r['step_ms']:8.1f} "
               f"{r['tokens_per_second']:9.0f} {r['mfu']:6.1%} {r['peak_memory_gb']:8.1f}  {split}"
-              + (f" syncs={r['host_syncs_per_step']}" if "host_syncs_per_step" in r else ""))
+              + (f" syncs={r['host_syncs_per_step']['count']}" if "host_syncs_per_step" in r else ""))
+        for where in r.get("host_syncs_per_step", {}).get("where", []):
+            print(f"    sync at {where}")
         for name, wkv in r.get("wkv_in_step_vs_alone", {}).items():
             ratio = "n/a" if wkv["ratio"] is None else f"{wkv['ratio']:.2f}x"
             print(f"    {name[:40]:<40} inside {wkv['inside_ms']:.3f} ms, alone "
