@@ -57,6 +57,24 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class _RecordingFile:
+    """A file that remembers why a write failed: torch.save reports a failed write (e.g. a full
+    disk) only as a position mismatch."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write `path` through `write(file)` into a partial file beside it, then rename it into place.
 
@@ -68,19 +86,22 @@ def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     for stale in path.parent.glob(f"{path.name}{PARTIAL}-*"):  # left by a killed writer
         if stale != partial:
             remove_path(stale)
+    file = None
     try:
-        with open(partial, "wb") as file:
+        with open(partial, "wb") as raw:
+            file = _RecordingFile(raw)
             write(file)
-            file.flush()
-            os.fsync(file.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         replace_atomically(partial, path)
     except BaseException as error:
         partial.unlink(missing_ok=True)
-        if isinstance(error, (OSError, RuntimeError)):  # torch.save reports a failed write as RuntimeError
+        if isinstance(error, (OSError, RuntimeError)):  # torch.save raises RuntimeError for a failed write
+            cause = (file.error if file is not None else None) or error
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(cause).splitlines()[0]
             free = shutil.disk_usage(path.parent).free
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CheckpointError(
-                f"could not write checkpoint {path} ({reason}; {free / 2**20:.0f} MiB free there); "
+                f"could not write checkpoint {path} ({reason}; {free / 2**20:.1f} MiB free there); "
                 f"the previous {path.name} is left as it was") from error
         raise
 
@@ -204,7 +225,7 @@ class LastCheckpoint(ModelCheckpoint):
             replace_atomically(partial, Path(filepath))
         self._last_checkpoint_saved = filepath
 
-    def save_last(self, trainer) -> None:
+    def save_now(self, trainer) -> None:
         """Write last.ckpt now, unless this step's is written already, and wait until it is on disk
         (every rank calls this: on a preemption signal)."""
         if self._last_global_step_saved != trainer.global_step:

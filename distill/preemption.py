@@ -117,7 +117,7 @@ class Preemption(L.Callback):
             return
         checkpoint = trainer.checkpoint_callback
         if isinstance(checkpoint, LastCheckpoint):
-            checkpoint.save_last(trainer)
+            checkpoint.save_now(trainer)
             log.warning("saved %s at step %d of stage %r", Path(checkpoint.dirpath) / "last.ckpt",
                         trainer.global_step, pl_module.stage.name)
         else:
