@@ -18,6 +18,7 @@ import csv
 import functools
 import netrc
 import os
+import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -82,12 +83,10 @@ def has_wandb_key() -> bool:
 
 def run_id(save_dir: Path) -> str:
     """This run dir's W&B run id: read back when a resumed job starts again, else made and kept."""
-    import wandb
-
     path = Path(save_dir) / RUN_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    new = wandb.util.generate_id()
+    new = secrets.token_hex(4)  # W&B's form: 8 lowercase letters or digits
     if rank_zero_only.rank == 0:  # the only rank with a W&B run
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(new + "\n")

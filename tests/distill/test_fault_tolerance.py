@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,30 +18,9 @@ from distill.checkpointing import LAST, OLD, PARTIAL, find_last, replace_atomica
 from distill.checkpoints import CheckpointError, read_checkpoint
 from distill.preemption import resume_path
 from distill.train import train
-from tests.distill.helpers import REPO, SHAKESPEARE, compose_train
+from tests.distill.helpers import compose_train, job_overrides, run_job
 
-STEPS, EVERY = 8, 3  # steps per stage, checkpoint interval
-
-
-def job_overrides(teacher: Path, cache: Path) -> list[str]:
-    """A two-stage tiny job as the CLI takes it (held-out text = the training file)."""
-    return [
-        f"teacher.path={teacher}", "data=text", f"data.source.paths=[{SHAKESPEARE}]",
-        "data.source.document_separator=null", "data.source.heldout_percent=0",
-        "+data.heldout_source._target_=distill.data.LocalFilesSource", f"+data.heldout_source.paths=[{SHAKESPEARE}]",
-        "data.eval_tokens=1024", f"paths.cache_dir={cache}", f"max_steps_per_stage={STEPS}",
-        "stages.0.seq_len=32", "stages.0.batch_size=4", "stages.0.lr=3e-3",
-        "stages.1.seq_len=32", "stages.1.batch_size=4", "stages.1.lr=1e-3",
-        "evaluation.seq_len=32", "evaluation.batch_size=4", "evaluation.max_new_tokens=4",
-        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-        f"callbacks.model_checkpoint.every_n_train_steps={EVERY}",
-    ]
-
-
-def run_job(run_dir: Path, overrides: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distill.train", f"hydra.run.dir={run_dir}", *overrides],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+STEPS, EVERY = 8, 3  # steps per stage, checkpoint interval (job_overrides)
 
 
 def interrupt(stage: str, step: int, moment: str, sig: str = "SIGKILL", note: Path | None = None) -> list[str]:
