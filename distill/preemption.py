@@ -7,8 +7,9 @@ requeued job finds the checkpoint by itself.
   hydra-submitit-launcher USR2): the same checkpoint, then the job requeues itself and exits.
   Under submitit, submitit's own USR2 handler does the requeue (it pickles the job and runs
   `scontrol requeue`), called only once the checkpoint is on disk; otherwise `scontrol requeue`
-  runs here. Lightning's SLURM auto-requeue is not used: it saves from inside the signal handler,
-  mid-step, to a file of its own.
+  runs here. Lightning's own handlers are set aside: its SLURM auto-requeue saves from inside the
+  signal handler, mid-step, to a file of its own; its SIGTERM handling stops after the step
+  without a checkpoint, with exit status 0.
 
 During training a signal is only noted; `Preemption` (a callback) acts at the next step
 boundary, where ModelCheckpoint saves too, so a resumed run restarts exactly there. Outside
@@ -31,7 +32,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -47,6 +48,10 @@ RESUME_CHOICES = "null (start fresh), 'last' (this run dir's), 'auto' (last if t
 class _Guard:
     """The job's signal handlers (signals are per process, so there is one guard at a time)."""
 
+    # The running job's guard. A class attribute, not a module global: submitit pickles a job
+    # started as `python -m distill.train` by value, and a by-value function's globals are a copy.
+    current: ClassVar[_Guard | None] = None
+
     def __init__(self) -> None:
         self.received: int | None = None
         self.in_training = False
@@ -54,8 +59,10 @@ class _Guard:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        """Take the signals (again: Trainer.fit puts its own SIGTERM handler in front of ours)."""
         for signum in SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+            previous = signal.signal(signum, self._on_signal)
+            self._previous.setdefault(signum, previous)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -83,24 +90,20 @@ class _Guard:
         raise SystemExit(128 + signum)
 
 
-_guard: _Guard | None = None
-
-
 def handles_preemption(job: Callable[..., Any]) -> Callable[..., Any]:
     """Run `job` with the signal handlers installed (restored afterwards)."""
 
     @functools.wraps(job)
     def guarded(*args, **kwargs):
-        global _guard
         if threading.current_thread() is not threading.main_thread():
             return job(*args, **kwargs)  # handlers can only be set from the main thread
-        _guard = _Guard()
-        _guard.install()
+        guard = _Guard.current = _Guard()
+        guard.install()
         try:
             return job(*args, **kwargs)
         finally:
-            _guard.restore()
-            _guard = None
+            guard.restore()
+            _Guard.current = None
 
     return guarded
 
@@ -109,8 +112,11 @@ class Preemption(L.Callback):
     """Acts on a noted signal at the step boundary: last.ckpt, then requeue/exit (module docstring)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if _guard is not None:
-            _guard.in_training = True
+        if _Guard.current is not None:
+            # Lightning's SIGTERM handler would end the loop after the step without a checkpoint
+            # (and with exit status 0); ours alone saves. Fit's end puts ours back anyway.
+            _Guard.current.install()
+            _Guard.current.in_training = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not _noted(trainer):
@@ -122,25 +128,25 @@ class Preemption(L.Callback):
                         trainer.global_step, pl_module.stage.name)
         else:
             log.warning("no LastCheckpoint callback: stopping without a checkpoint")
-        _guard.leave()
+        _Guard.current.leave()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if _guard is None:
+        if _Guard.current is None:
             return
-        _guard.in_training = False
+        _Guard.current.in_training = False
         if _noted(trainer):  # came after the last step's boundary: the stage's tail is redone on resume
-            _guard.leave()
+            _Guard.current.leave()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if _guard is not None:
-            _guard.in_training = False
+        if _Guard.current is not None:
+            _Guard.current.in_training = False
 
 
 def _noted(trainer) -> bool:
     """Whether any rank has noted a signal (all ranks call this at the same point)."""
-    if _guard is None:
+    if _Guard.current is None:
         return False
-    noted = _guard.received is not None
+    noted = _Guard.current.received is not None
     if trainer.world_size > 1:
         noted = trainer.strategy.reduce_boolean_decision(noted, all=False)
     return noted

@@ -1,5 +1,6 @@
 """Test callbacks that break a job at one chosen moment: a signal to its own process (run as a
-subprocess: `+callbacks.interrupt._target_=tests.distill.interrupts.Interrupt ...`), or NaN weights."""
+subprocess: `+callbacks.interrupt._target_=tests.distill.interrupts.Interrupt ...`) or NaN
+weights; and one that slows it down, so that a cluster's signal finds it training."""
 
 from __future__ import annotations
 
@@ -72,3 +73,13 @@ class PoisonWeights(L.Callback):
         if pl_module.stage.name == self.stage and trainer.global_step == self.step:
             with torch.no_grad():
                 next(pl_module.student.parameters()).view(-1)[0] = float("nan")
+
+
+class Pace(L.Callback):
+    """Sleeps `seconds` after every optimizer step (the numbers are those of an unpaced run)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        time.sleep(self.seconds)
