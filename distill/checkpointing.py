@@ -189,6 +189,12 @@ def written_by_all_ranks(path: Path, strategy) -> Iterator[Path]:
     strategy.barrier("checkpoint: every shard written")
 
 
+def write_weights_record(checkpoint: dict[str, Any], path: Path) -> None:
+    """A checkpoint (read_checkpoint's dict) without its optimizer, schedule and callback states."""
+    record = {k: v for k, v in checkpoint.items() if k not in ("optimizer_states", "lr_schedulers", "callbacks")}
+    write_atomically(path, lambda file: torch.save(record, file))
+
+
 def save_stage_end(trainer, path: Path) -> None:
     """The record of a finished stage: weights (fp32, consolidated from ZeRO shards) and the
     `distill` record, no optimizer state; last.ckpt then points to it (every rank calls this)."""
@@ -197,9 +203,7 @@ def save_stage_end(trainer, path: Path) -> None:
         with written_by_all_ranks(path, trainer.strategy) as partial:
             trainer.save_checkpoint(partial)
         if trainer.is_global_zero:
-            full = read_checkpoint(partial)
-            record = {k: v for k, v in full.items() if k not in ("optimizer_states", "lr_schedulers", "callbacks")}
-            write_atomically(path, lambda file: torch.save(record, file))
+            write_weights_record(read_checkpoint(partial), path)
             remove_path(partial)
     else:
         trainer.save_checkpoint(path, weights_only=True)

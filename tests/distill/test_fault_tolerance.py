@@ -117,6 +117,23 @@ def test_stage_end_records_hold_weights_only_and_last_ckpt_is_the_final_one(chai
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted([LAST, *(e.name for e in ends)])
 
 
+def test_gpu_preset_checkpointing_async_and_by_time_resumes_exactly_on_cpu(chain, tiny_teacher, tmp_path):
+    """trainer=gpu and callbacks=gpu (asynchronous writes, a time interval: here 0 s, every step) on the
+    CPU: SIGTERM in the kl stage waits for the write of its step, and the resumed run ends like the
+    uninterrupted one."""
+    overrides = job_overrides(tiny_teacher, tmp_path / "cache") + [
+        "trainer=gpu", "callbacks=gpu", "trainer.accelerator=cpu",
+        "callbacks.model_checkpoint.train_time_interval.minutes=0"]
+    overrides.remove(f"callbacks.model_checkpoint.every_n_train_steps={EVERY}")
+    with pytest.raises(SystemExit) as stopped:
+        train(compose_train(overrides + interrupt("kl", 4, "step", "SIGTERM"), tmp_path / "run", tmp_path / "cache"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert record(tmp_path / "run" / "checkpoints" / LAST) == {"stage": "kl", "step": 5, "finished": ["align"]}
+    resumed = train(compose_train(overrides + ["ckpt_path=last"], tmp_path / "run", tmp_path / "cache"))
+    for a, b in zip(chain["reference"]["stages"], resumed["stages"], strict=True):
+        assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
+
+
 # ----- single failures ------------------------------------------------------------------------
 
 def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_loads(tiny_teacher, tmp_path):
@@ -208,3 +225,90 @@ def test_directory_checkpoints_are_swapped_so_one_whole_copy_always_exists(tmp_p
     _fake_checkpoint(file, 3)
     replace_atomically(file, last)
     assert last.is_file() and torch.load(last)["global_step"] == 3
+
+
+# ----- DeepSpeed: directories written by every rank -------------------------------------------
+
+class _Ranks:
+    """The two members of a Lightning strategy that a collective save uses, over torch.distributed."""
+
+    @property
+    def is_global_zero(self) -> bool:
+        return torch.distributed.get_rank() == 0
+
+    def barrier(self, name: str | None = None) -> None:
+        torch.distributed.barrier()
+
+
+def _save_zero_twice(rank: int, world_size: int, port: int, out: str) -> None:
+    """Two ZeRO-2 steps, each saved collectively as last.ckpt (the swap LastCheckpoint makes), then
+    the stage-end record consolidated from a collective save; rank 0 keeps the weights to compare."""
+    import deepspeed
+
+    from distill.checkpointing import write_atomically, write_weights_record, written_by_all_ranks
+    from tests.distill.test_checkpoints import tiny_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    module = tiny_module()
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(), config=config)
+    last, ranks = Path(out) / LAST, _Ranks()
+    for step in (1, 2):
+        engine.backward(engine.module.student(torch.randint(0, 96, (1, 12))).last_hidden.square().mean())
+        engine.step()
+        with written_by_all_ranks(last, ranks) as partial:
+            engine.save_checkpoint(str(partial), client_state={"distill": {"stage_name": "kl"}, "global_step": step},
+                                   tag="checkpoint")
+        if rank == 0:
+            replace_atomically(partial, last)
+        torch.distributed.barrier()
+    if rank == 0:
+        write_weights_record(read_checkpoint(last), Path(out) / "stage0-kl.ckpt")
+        state = {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+        write_atomically(Path(out) / "reference.pt", lambda file: torch.save(state, file))
+
+
+@pytest.mark.slow
+def test_zero_checkpoints_swap_as_whole_directories_and_consolidate_into_a_weights_record(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.distill.test_checkpoints import _free_port
+
+    mp.spawn(_save_zero_twice, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST, "reference.pt", "stage0-kl.ckpt"]
+    reference = torch.load(tmp_path / "reference.pt")
+    for source in (tmp_path / LAST, tmp_path / "stage0-kl.ckpt"):  # a ZeRO directory, then a plain file
+        checkpoint = read_checkpoint(source)
+        assert checkpoint["global_step"] == 2 and checkpoint["distill"] == {"stage_name": "kl"}
+        assert set(checkpoint["state_dict"]) == set(reference)
+        for key, value in reference.items():
+            torch.testing.assert_close(checkpoint["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert (tmp_path / LAST).is_dir() and (tmp_path / "stage0-kl.ckpt").is_file()
+    assert "optimizer_states" not in torch.load(tmp_path / "stage0-kl.ckpt", weights_only=False)
+
+
+@pytest.mark.gpu
+def test_deepspeed_job_killed_mid_stage_resumes_from_its_directory_checkpoint(tiny_teacher, tmp_path):
+    """strategy=deepspeed_zero2 on one GPU: last.ckpt is a directory swapped in whole, the stage-end
+    records are consolidated weights files, and a kill -9 then ckpt_path=last ends like an
+    uninterrupted run (bf16 mixed precision: losses within 1e-3)."""
+    overrides = job_overrides(tiny_teacher, tmp_path / "cache") + ["strategy=deepspeed_zero2", "trainer.accelerator=gpu"]
+    full = run_job(tmp_path / "full", overrides)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    killed = run_job(run, overrides + interrupt("kl", 4, "step"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (checkpoints / LAST).is_dir() and record(checkpoints / LAST) == {"stage": "kl", "step": 3,
+                                                                             "finished": ["align"]}
+    resumed = run_job(run, overrides + ["ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted([LAST, "stage0-align.ckpt", "stage1-kl.ckpt"])
+    assert (checkpoints / LAST).samefile(checkpoints / "stage1-kl.ckpt")
+    assert "optimizer_states" not in torch.load(checkpoints / "stage1-kl.ckpt", weights_only=False)
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", run))
+    for x, y in zip(a["stages"], b["stages"], strict=True):
+        assert (x["name"], x["steps"]) == (y["name"], y["steps"])
+        assert y["final_loss"] == pytest.approx(x["final_loss"], rel=1e-3)
