@@ -111,8 +111,8 @@ def replace_atomically(new: Path, path: Path) -> None:
     or `path`.old holds a whole checkpoint."""
     if new.is_dir() or path.is_dir():
         old = path.with_name(path.name + OLD)
-        remove_path(old)
-        if path.exists():
+        if path.exists():  # else `old` may be the only whole checkpoint (a resume from it): keep it until new is in
+            remove_path(old)
             os.rename(path, old)
         os.rename(new, path)
         remove_path(old)

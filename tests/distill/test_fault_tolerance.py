@@ -217,14 +217,41 @@ def test_directory_checkpoints_are_swapped_so_one_whole_copy_always_exists(tmp_p
         _fake_checkpoint(directory / "checkpoint" / "model.pt", step)
     os.rename(last, tmp_path / (LAST + OLD))  # the swap's first rename, then a kill
     assert find_last(tmp_path) == tmp_path / (LAST + OLD)
-    os.rename(tmp_path / (LAST + OLD), last)
-    replace_atomically(new, last)
+    replace_atomically(new, last)  # the resumed run's next save: .old stays until the new one is in
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAST] and find_last(tmp_path) == last
     assert torch.load(last / "checkpoint" / "model.pt")["global_step"] == 2
     file = tmp_path / f"record{PARTIAL}-1"  # a stage-end record (a file) replaces a directory too
     _fake_checkpoint(file, 3)
     replace_atomically(file, last)
     assert last.is_file() and torch.load(last)["global_step"] == 3
+
+
+@pytest.mark.parametrize("start", ["last", "old"])  # a plain swap; the first swap after resuming from .old
+def test_a_swap_killed_between_any_two_renames_leaves_a_whole_checkpoint(tmp_path, monkeypatch, start):
+    import distill.checkpointing as checkpointing
+
+    real_rename = os.rename
+    for cut in (0, 1, 2):  # renames done before the kill (a swap makes at most two)
+        root = tmp_path / str(cut)
+        _fake_checkpoint(root / (LAST if start == "last" else LAST + OLD) / "checkpoint" / "model.pt", 1)
+        _fake_checkpoint(root / f"{LAST}{PARTIAL}" / "checkpoint" / "model.pt", 2)
+        done = []
+
+        def rename(src, dst, done=done, cut=cut):
+            if len(done) == cut:
+                raise KeyboardInterrupt("killed")
+            real_rename(src, dst)
+            done.append(dst)
+
+        monkeypatch.setattr(checkpointing.os, "rename", rename)
+        try:
+            replace_atomically(root / f"{LAST}{PARTIAL}", root / LAST)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+        found = find_last(root)
+        assert found is not None, (start, cut, sorted(p.name for p in root.iterdir()))
+        assert torch.load(found / "checkpoint" / "model.pt")["global_step"] == (2 if found.name == LAST and done else 1)
 
 
 # ----- DeepSpeed: directories written by every rank -------------------------------------------
