@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.data.stdlib import stdlib_documents
 from tests.distill.helpers import ASSETS, SHAKESPEARE, make_tiny_teacher
 
 
@@ -10,3 +11,18 @@ def tiny_teacher(tmp_path_factory) -> Path:
     if not SHAKESPEARE.is_file():
         pytest.skip(f"test assets not found at {ASSETS} (set DISTILL_ASSETS)")
     return make_tiny_teacher(tmp_path_factory.mktemp("tiny_teacher"), SHAKESPEARE.read_text()[:200_000])
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """1 MB of Python standard-library source: training text that every machine has, for the tests
+    that must run where the shared assets are absent (fault tolerance, W&B, SLURM in CI)."""
+    path = tmp_path_factory.mktemp("corpus") / "stdlib.txt"
+    path.write_text("\n".join(stdlib_documents("train"))[:1_000_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def stdlib_teacher(corpus, tmp_path_factory) -> Path:
+    """tiny_teacher's model, with its tokenizer trained on `corpus`."""
+    return make_tiny_teacher(tmp_path_factory.mktemp("stdlib_teacher"), corpus.read_text()[:200_000])

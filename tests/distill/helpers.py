@@ -76,13 +76,13 @@ def tiny_job_overrides(teacher: Path, steps: int) -> list[str]:
     ]
 
 
-def job_overrides(teacher: Path, cache: Path, steps: int = 8, every: int = 3) -> list[str]:
-    """A two-stage tiny job as the command line takes it (held-out text = the training file),
-    `steps` per stage, last.ckpt every `every` steps."""
+def job_overrides(teacher: Path, text: Path, cache: Path, steps: int = 8, every: int = 3) -> list[str]:
+    """A two-stage tiny job on one text file as the command line takes it (held-out text = the
+    training text), `steps` per stage, last.ckpt every `every` steps."""
     return [
-        f"teacher.path={teacher}", "data=text", f"data.source.paths=[{SHAKESPEARE}]",
+        f"teacher.path={teacher}", "data=text", f"data.source.paths=[{text}]",
         "data.source.document_separator=null", "data.source.heldout_percent=0",
-        "+data.heldout_source._target_=distill.data.LocalFilesSource", f"+data.heldout_source.paths=[{SHAKESPEARE}]",
+        "+data.heldout_source._target_=distill.data.LocalFilesSource", f"+data.heldout_source.paths=[{text}]",
         "data.eval_tokens=1024", f"paths.cache_dir={cache}", f"max_steps_per_stage={steps}",
         "stages.0.seq_len=32", "stages.0.batch_size=4", "stages.0.lr=3e-3",
         "stages.1.seq_len=32", "stages.1.batch_size=4", "stages.1.lr=1e-3",

@@ -48,10 +48,10 @@ CHAIN = [
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_teacher, tmp_path_factory):
+def chain(stdlib_teacher, corpus, tmp_path_factory):
     """The CHAIN of interruptions of one run dir, then its last resume; and an uninterrupted run."""
     root = tmp_path_factory.mktemp("chain")
-    overrides = job_overrides(tiny_teacher, root / "cache")
+    overrides = job_overrides(stdlib_teacher, corpus, root / "cache")
     reference = train(compose_train(overrides, root / "reference", root / "cache"))
     run, checkpoints, seen = root / "run", root / "run" / "checkpoints", []
     for i, (stage, step, moment, sig) in enumerate(CHAIN):
@@ -117,11 +117,12 @@ def test_stage_end_records_hold_weights_only_and_last_ckpt_is_the_final_one(chai
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted([LAST, *(e.name for e in ends)])
 
 
-def test_gpu_preset_checkpointing_async_and_by_time_resumes_exactly_on_cpu(chain, tiny_teacher, tmp_path):
+def test_gpu_preset_checkpointing_async_and_by_time_resumes_exactly_on_cpu(chain, stdlib_teacher, corpus,
+                                                                           tmp_path):
     """trainer=gpu and callbacks=gpu (asynchronous writes, a time interval: here 0 s, every step) on the
     CPU: SIGTERM in the kl stage waits for the write of its step, and the resumed run ends like the
     uninterrupted one."""
-    overrides = job_overrides(tiny_teacher, tmp_path / "cache") + [
+    overrides = job_overrides(stdlib_teacher, corpus, tmp_path / "cache") + [
         "trainer=gpu", "callbacks=gpu", "trainer.accelerator=cpu",
         "callbacks.model_checkpoint.train_time_interval.minutes=0"]
     overrides.remove(f"callbacks.model_checkpoint.every_n_train_steps={EVERY}")
@@ -136,7 +137,8 @@ def test_gpu_preset_checkpointing_async_and_by_time_resumes_exactly_on_cpu(chain
 
 # ----- single failures ------------------------------------------------------------------------
 
-def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_loads(tiny_teacher, tmp_path):
+def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_loads(stdlib_teacher, corpus,
+                                                                                     tmp_path):
     """checkpoints/ on a tmpfs with room for one full checkpoint, not for its replacement beside it."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs (a disk that fills up) needs root")
@@ -145,7 +147,8 @@ def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_l
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=640k", "tmpfs", str(checkpoints)], check=True)
     try:
         with pytest.raises(CheckpointError) as info:
-            train(compose_train(job_overrides(tiny_teacher, tmp_path / "cache"), tmp_path / "run", tmp_path / "cache"))
+            overrides = job_overrides(stdlib_teacher, corpus, tmp_path / "cache")
+            train(compose_train(overrides, tmp_path / "run", tmp_path / "cache"))
         message = str(info.value)
         assert "No space left on device" in message and "the previous last.ckpt is left as it was" in message
         assert "\n" not in message
@@ -156,12 +159,13 @@ def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_l
         subprocess.run(["umount", str(checkpoints)], check=True)
 
 
-def test_nan_weights_never_replace_the_last_good_checkpoint(tiny_teacher, tmp_path):
+def test_nan_weights_never_replace_the_last_good_checkpoint(stdlib_teacher, corpus, tmp_path):
     """A weight turns NaN in the kl stage's third step: that step's checkpoint is refused with the
     NaN/inf error, and last.ckpt stays the one of the step before."""
     handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)]
-    overrides = job_overrides(tiny_teacher, tmp_path / "cache") + [
-        "callbacks.model_checkpoint.every_n_train_steps=1", "+callbacks.poison._target_=tests.distill.interrupts.PoisonWeights",
+    overrides = job_overrides(stdlib_teacher, corpus, tmp_path / "cache") + [
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "+callbacks.poison._target_=tests.distill.interrupts.PoisonWeights",
         "+callbacks.poison.stage=kl", "+callbacks.poison.step=3"]
     with pytest.raises(FloatingPointError, match=r"stage 'kl': the student's weights hold NaN/inf after step 3"):
         train(compose_train(overrides, tmp_path / "run", tmp_path / "cache"))
@@ -171,13 +175,13 @@ def test_nan_weights_never_replace_the_last_good_checkpoint(tiny_teacher, tmp_pa
     assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)] == handlers
 
 
-def test_corrupted_last_checkpoint_on_resume_is_one_line(tiny_teacher, tmp_path):
+def test_corrupted_last_checkpoint_on_resume_is_one_line(stdlib_teacher, corpus, tmp_path):
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "distill": {}}, checkpoints / LAST)
     data = (checkpoints / LAST).read_bytes()
     (checkpoints / LAST).write_bytes(data[: len(data) // 2])
-    result = run_job(tmp_path / "run", job_overrides(tiny_teacher, tmp_path / "cache") + ["ckpt_path=last"])
+    result = run_job(tmp_path / "run", job_overrides(stdlib_teacher, corpus, tmp_path / "cache") + ["ckpt_path=last"])
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "truncated or corrupted" in errors[0] and str(checkpoints / LAST) in errors[0]
@@ -318,11 +322,12 @@ def test_zero_checkpoints_swap_as_whole_directories_and_consolidate_into_a_weigh
 
 
 @pytest.mark.gpu
-def test_deepspeed_job_killed_mid_stage_resumes_from_its_directory_checkpoint(tiny_teacher, tmp_path):
+def test_deepspeed_job_killed_mid_stage_resumes_from_its_directory_checkpoint(stdlib_teacher, corpus, tmp_path):
     """strategy=deepspeed_zero2 on one GPU: last.ckpt is a directory swapped in whole, the stage-end
     records are consolidated weights files, and a kill -9 then ckpt_path=last ends like an
     uninterrupted run (bf16 mixed precision: losses within 1e-3)."""
-    overrides = job_overrides(tiny_teacher, tmp_path / "cache") + ["strategy=deepspeed_zero2", "trainer.accelerator=gpu"]
+    overrides = job_overrides(stdlib_teacher, corpus, tmp_path / "cache") + [
+        "strategy=deepspeed_zero2", "trainer.accelerator=gpu"]
     full = run_job(tmp_path / "full", overrides)
     assert full.returncode == 0, full.stderr[-3000:]
     run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"

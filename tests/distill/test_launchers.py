@@ -22,10 +22,10 @@ def test_slurm_launcher_asks_for_one_task_per_device_on_every_node():
     assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0  # requeued at the time limit
 
 
-def test_local_launcher_runs_a_job_into_its_sweep_dir(tiny_teacher, tmp_path):
+def test_local_launcher_runs_a_job_into_its_sweep_dir(stdlib_teacher, corpus, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "distill.train", "-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path}/sweep",
-         *job_overrides(tiny_teacher, tmp_path / "cache", steps=2, every=2)],
+         *job_overrides(stdlib_teacher, corpus, tmp_path / "cache", steps=2, every=2)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())

@@ -26,10 +26,10 @@ def no_key_env(home: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def wandb_run(tiny_teacher, tmp_path_factory):
+def wandb_run(stdlib_teacher, corpus, tmp_path_factory):
     """A finished job, then the same run dir resumed (ckpt_path=last: it only evaluates again)."""
     root = tmp_path_factory.mktemp("wandb")
-    overrides = job_overrides(tiny_teacher, root / "cache") + [
+    overrides = job_overrides(stdlib_teacher, corpus, root / "cache") + [
         "logger=[csv,wandb]", f"trainer.log_every_n_steps={LOG_EVERY}"]
     run, env = root / "run", no_key_env(root / "home")
     for extra in ([], ["ckpt_path=last"]):
@@ -94,9 +94,9 @@ def test_tables_and_heatmap_hold_the_runs_numbers(wandb_run):
     np.testing.assert_array_equal(np.asarray(Image.open(first_dir / "files" / png).convert("RGB")), heatmap(grid))
 
 
-def test_the_resolved_config_is_recorded(wandb_run, tiny_teacher):
+def test_the_resolved_config_is_recorded(wandb_run, stdlib_teacher):
     _, (first, _), _ = wandb_run
     config = {k: v["value"] if isinstance(v, dict) and "value" in v else v for k, v in first["config"].items()}
     assert {"teacher", "student", "stages", "trainer", "data", "seed"} <= set(config)
-    assert config["teacher"]["path"] == str(tiny_teacher) and config["seed"] == 1234
+    assert config["teacher"]["path"] == str(stdlib_teacher) and config["seed"] == 1234
     assert [s["name"] for s in config["stages"]] == ["align", "kl"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distill.conftest import tiny_teacher  # noqa: F401  (the jobs' teacher)
+from tests.distill.conftest import corpus, stdlib_teacher  # noqa: F401  (the jobs' text and teacher)
 from tests.distill.helpers import REPO
 
 SCRIPT = REPO / "jobs" / "slurm" / "local_cluster.sh"

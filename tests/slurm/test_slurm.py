@@ -27,12 +27,13 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 @pytest.fixture(scope="module")
-def job(tiny_teacher, tmp_path_factory):
+def job(stdlib_teacher, corpus, tmp_path_factory):
     """(the overrides of a paced two-stage job, the summary of the same job run uninterrupted)."""
     root = tmp_path_factory.mktemp("slurm-job")
-    overrides = job_overrides(tiny_teacher, root / "cache", steps=STEPS)
+    overrides = job_overrides(stdlib_teacher, corpus, root / "cache", steps=STEPS)
     reference = train(compose_train(overrides, root / "reference", root / "cache"))
-    return overrides + ["+callbacks.pace._target_=tests.distill.interrupts.Pace", f"+callbacks.pace.seconds={PACE}"], reference
+    pace = ["+callbacks.pace._target_=tests.distill.interrupts.Pace", f"+callbacks.pace.seconds={PACE}"]
+    return overrides + pace, reference
 
 
 def assert_ends_like(summary: dict, reference: dict) -> None:
@@ -45,14 +46,16 @@ def assert_ends_like(summary: dict, reference: dict) -> None:
 def assert_saved_then_resumed(log: str, signal: str, run_dir: Path) -> tuple[str, int]:
     """The job noted `signal`, wrote last.ckpt at the end of that step, and its rerun resumed from it;
     returns the (stage, step) of that checkpoint."""
+    last = re.escape(f"{run_dir}/checkpoints/last.ckpt")
     saved = re.search(rf"received {signal}: saving and stopping at the end of this step.*?"
-                      rf"saved {re.escape(str(run_dir))}/checkpoints/last.ckpt at step (\d+) of stage '(\w+)'", log, re.S)
+                      rf"saved {last} at step (\d+) of stage '(\w+)'", log, re.S)
     assert saved, log[-4000:]
     assert f"requeued SLURM job (restart 1): resuming from {run_dir}/checkpoints/last.ckpt" in log
     return saved.group(2), int(saved.group(1))
 
 
-def test_sbatch_template_job_requeued_mid_training_comes_back_and_ends_like_an_uninterrupted_run(cluster, job, tmp_path):
+def test_sbatch_template_job_requeued_mid_training_comes_back_and_ends_like_an_uninterrupted_run(cluster, job,
+                                                                                                 tmp_path):
     overrides, reference = job
     submitted = cluster.run("sbatch", "--parsable", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0",
                             "--time=10", f"--chdir={tmp_path}", f"--output={tmp_path}/batch-%j.out",
@@ -99,8 +102,9 @@ def test_launcher_job_at_its_time_limit_saves_is_requeued_and_ends_like_an_unint
     assert_ends_like(json.loads((run_dir / "summary.json").read_text()), reference)
 
 
-def test_a_two_value_sweep_through_the_launcher_is_two_jobs_with_two_summaries(cluster, tiny_teacher, tmp_path):
-    overrides = [o for o in job_overrides(tiny_teacher, tmp_path / "cache", steps=4, every=2)
+def test_a_two_value_sweep_through_the_launcher_is_two_jobs_with_two_summaries(cluster, stdlib_teacher, corpus,
+                                                                              tmp_path):
+    overrides = [o for o in job_overrides(stdlib_teacher, corpus, tmp_path / "cache", steps=4, every=2)
                  if not o.startswith("stages.1.lr=")]
     result = subprocess.run(
         [sys.executable, "-m", "distill.train", "-m", "debug=smoke", *LAUNCHER, f"hydra.sweep.dir={tmp_path}/sweep",
