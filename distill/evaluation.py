@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from distill.losses import logit_stats
+from distill.losses import head_weight, linear_kl
 
 
 @torch.no_grad()
@@ -29,13 +29,12 @@ def compare_on_batches(teacher, student, batches: Iterable[dict[str, Tensor]],
         started = time.perf_counter()
         student_out = student(input_ids)
         student_seconds += time.perf_counter() - started
-        stats = logit_stats(teacher_out.last_hidden, teacher.lm_head, student_out.last_hidden,
-                            student.lm_head, labels, chunk_tokens=chunk_tokens)
-        sums["kl"] += stats.kl.item()
-        sums["student_nll"] += stats.student_nll.item()
-        sums["teacher_nll"] += stats.teacher_nll.item()
-        sums["top1"] += stats.top1_agree.item()
-        tokens += stats.tokens
+        out = linear_kl(student_out.last_hidden, head_weight(student.lm_head), teacher_out.last_hidden,
+                        head_weight(teacher.lm_head), labels=labels, chunk_tokens=chunk_tokens)
+        for key, mean in (("kl", out.kl), ("student_nll", out.student_nll), ("teacher_nll", out.teacher_nll),
+                          ("top1", out.top1)):
+            sums[key] += mean.item() * out.tokens
+        tokens += out.tokens
     if tokens == 0:
         raise ValueError("evaluation got no held-out tokens: the held-out split is empty")
     means = {k: v / tokens for k, v in sums.items()}

@@ -2,20 +2,23 @@
 
 Legend: B batch, T time, C model width, V vocabulary, N = B·T tokens.
 
-The logit losses never hold a [B, T, V] tensor of either model: tokens are processed in
-chunks, and each chunk's student log-probabilities are recomputed in the backward pass
-(activation checkpointing), so peak memory is one chunk's [chunk, V] logits.
+The logit loss never holds a [B, T, V] tensor of either model: `linear_kl` takes the final hidden
+states and the output heads and runs the fused operator of kernels/linear_kl.py (vocabulary blocks
+in Triton on the GPU, token chunks in torch elsewhere).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from kernels.linear_kl import fused_linear_kl
+
+logger = logging.getLogger(__name__)
 
 
 def l2_alignment(target: Tensor, pred: Tensor) -> Tensor:
@@ -27,60 +30,78 @@ def l2_alignment(target: Tensor, pred: Tensor) -> Tensor:
     return diff.norm(dim=-1).mean() / math.sqrt(diff.shape[-1])
 
 
-@dataclass
-class LogitStats:
-    """Sums over the counted tokens of one batch (divide by `tokens` for means)."""
+@dataclass(frozen=True)
+class LinearKLResult:
+    """What `linear_kl` returns: the loss to train on and the by-products to log, means over the counted
+    tokens (labels != ignore_index). Only `loss` carries a gradient (to h_s and w_s)."""
 
-    kl: Tensor  # Σ KL(p_teacher || p_student) at temperature τ, ×τ²
-    student_nll: Tensor  # Σ −log p_student(label)
-    teacher_nll: Tensor  # Σ −log p_teacher(label)   (no gradient)
-    top1_agree: Tensor  # Σ [argmax teacher == argmax student]   (no gradient)
-    tokens: int
-
-
-def _chunk_stats(
-    h_teacher: Tensor, h_student: Tensor, labels: Tensor,
-    w_teacher: Tensor, w_student: Tensor, temperature: float,
-) -> Tensor:
-    """[4] sums for one chunk: kl, student nll, teacher nll, top-1 agreement."""
-    with torch.no_grad():
-        logits_t = F.linear(h_teacher, w_teacher).float()  # [n, V]
-        logp_t = F.log_softmax(logits_t / temperature, dim=-1)
-        nll_t = F.cross_entropy(logits_t, labels, reduction="sum")
-    logits_s = F.linear(h_student, w_student).float()  # [n, V]
-    logp_s = F.log_softmax(logits_s / temperature, dim=-1)
-    kl = (logp_t.exp() * (logp_t - logp_s)).sum() * temperature**2
-    nll_s = F.cross_entropy(logits_s, labels, reduction="sum")
-    agree = (logits_t.argmax(-1) == logits_s.detach().argmax(-1)).sum().float()
-    return torch.stack([kl, nll_s, nll_t.detach(), agree])
+    loss: Tensor  # tau^2 mean divergence + ce_weight mean student CE (the CE term only when ce_weight != 0)
+    kl: Tensor  # tau^2 mean divergence of the chosen kind, as in the loss
+    student_nll: Tensor  # mean -log p_student(label) at temperature 1 (exp: perplexity); NaN without labels
+    teacher_nll: Tensor  # mean -log p_teacher(label) at temperature 1; NaN without labels
+    top1: Tensor  # fraction of tokens where argmax teacher == argmax student
+    tokens: int  # counted tokens
 
 
-def logit_stats(
-    h_teacher: Tensor, head_teacher: nn.Linear,
-    h_student: Tensor, head_student: nn.Linear,
-    labels: Tensor, *, temperature: float = 1.0, chunk_tokens: int = 1024,
-    ignore_index: int = -100,
-) -> LogitStats:
-    """KL, NLLs and agreement from final hidden states and the two output heads.
+def head_weight(head: nn.Linear) -> Tensor:
+    """The weight [V, C] of an output head; linear_kl takes heads without bias."""
+    if head.bias is not None:
+        raise ValueError(f"linear_kl takes output heads without bias, got {head} with a bias")
+    return head.weight
 
-    h_teacher, h_student: [B, T, C] (after each model's final norm); labels: [B, T] next
-    tokens, `ignore_index` marks tokens that do not count (padding).
+
+@lru_cache(maxsize=None)
+def _warn_teacher_vocab_prefix(v_teacher: int, v_student: int) -> None:
+    logger.warning("teacher head has %d rows, the student's %d: the KL uses the teacher's first %d "
+                   "(padded vocabulary rows beyond the tokenizer)", v_teacher, v_student, v_student)
+
+
+def _shared_vocab(w_t: Tensor, v_student: int) -> Tensor:
+    """w_t's first v_student rows: a teacher head padded past the tokenizer (e.g. 152064 rows for a
+    151936-entry student head) shares the student's vocabulary as its prefix."""
+    if w_t.shape[0] < v_student:
+        raise ValueError(f"teacher head has {w_t.shape[0]} rows, fewer than the student's {v_student}: the two "
+                         f"models must share the student's vocabulary")
+    if w_t.shape[0] > v_student:
+        _warn_teacher_vocab_prefix(w_t.shape[0], v_student)
+    return w_t[:v_student]
+
+
+def linear_kl(
+    h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float = 1.0, kind: str = "forward",
+    beta: float = 0.5, labels: Tensor | None = None, ce_weight: float = 0.0, ignore_index: int = -100,
+    backend: str = "auto", chunk_tokens: int = 1024,
+) -> LinearKLResult:
+    """Divergence of student from teacher on next-token distributions, from final hidden states and heads.
+
+    h_s: [N, C_s] or [B, T, C_s] student hidden states after its final norm; w_s: [V, C_s] its head.
+    h_t, w_t: the teacher's ([.., C_t], [V_t, C_t], V_t >= V: a longer, padded head is cut to w_t[:V]).
+    labels: [N] or [B, T] next tokens; tokens labelled ignore_index do not count (None: all count).
+    kind: "forward" KL(p_t || p_s); "reverse" KL(p_s || p_t); "jsd" the generalized Jensen-Shannon
+    beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s, 0 < beta < 1 -- the
+    convention of Liger-Kernel's LigerFusedLinearJSD(jsd_beta=beta) (teacher = its target P), which
+    however turns beta = 0 / 1 into forward / reverse KL. p = softmax(logits / temperature) for both
+    models; the divergence is scaled by temperature^2. The student NLL/CE and teacher NLL use
+    temperature 1; the CE term and its gradient exist only when ce_weight != 0.
+    No [N, V] tensor is materialized (kernels/NOTES_linear_kl.md); backend: "auto" | "triton" | "torch",
+    chunk_tokens the torch backend's token chunk.
     """
-    keep = labels.reshape(-1) != ignore_index
-    h_t = h_teacher.reshape(-1, h_teacher.shape[-1])[keep]  # [N, C]
-    h_s = h_student.reshape(-1, h_student.shape[-1])[keep]  # [N, C]
-    y = labels.reshape(-1)[keep]  # [N]
-    if y.numel() == 0:
-        raise ValueError("logit_stats got a batch with no counted tokens (every label is ignore_index)")
-    # The teacher head may be bf16 while the student trains in fp32: each side keeps its own dtype.
-    h_t = h_t.to(head_teacher.weight.dtype)
-    sums = h_s.new_zeros(4, dtype=torch.float32)
-    for start in range(0, y.numel(), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        args = (h_t[part], h_s[part], y[part], head_teacher.weight, head_student.weight, temperature)
-        if torch.is_grad_enabled() and h_s.requires_grad:
-            sums = sums + checkpoint(_chunk_stats, *args, use_reentrant=False)
-        else:
-            sums = sums + _chunk_stats(*args)
-    kl, nll_s, nll_t, agree = sums.unbind()
-    return LogitStats(kl=kl, student_nll=nll_s, teacher_nll=nll_t, top1_agree=agree, tokens=y.numel())
+    w_t = _shared_vocab(w_t, w_s.shape[0])
+    h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])  # [N, C]
+    if labels is not None:
+        labels = labels.reshape(-1)
+        if labels.shape[0] != h_s.shape[0]:
+            raise ValueError(f"labels hold {labels.shape[0]} tokens, the hidden states {h_s.shape[0]}")
+        keep = labels != ignore_index
+        h_s, h_t, labels = h_s[keep], h_t[keep], labels[keep]
+        if labels.numel() and ((labels < 0) | (labels >= w_s.shape[0])).any():
+            raise ValueError(f"labels must be ignore_index={ignore_index} or in [0, {w_s.shape[0]}), got values "
+                             f"in [{labels.min().item()}, {labels.max().item()}]")
+    tokens = h_s.shape[0]
+    if tokens == 0:
+        raise ValueError("linear_kl got a batch with no counted tokens (every label is ignore_index)")
+    loss, sums = fused_linear_kl(h_s, w_s, h_t, w_t, labels, temperature=temperature, kind=kind, beta=beta,
+                                 ce_weight=ce_weight, backend=backend, chunk_tokens=chunk_tokens)
+    kl, student_nll, teacher_nll, top1 = (sums / tokens).unbind()
+    return LinearKLResult(loss=loss, kl=kl, student_nll=student_nll, teacher_nll=teacher_nll, top1=top1,
+                          tokens=tokens)

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kernels.linear_kl import KINDS
+
 LOSSES = ("align", "kl")
 # time_mix: the converted time mixes; new: those plus non-teacher FFNs (ffn=rwkv); all: the whole student.
 TRAINABLE = ("time_mix", "new", "all")
@@ -31,6 +33,8 @@ class Stage:
     hidden_weight: float = 0.0  # λ of the hidden-state alignment term
     ce_weight: float = 0.0  # β of the cross-entropy term
     temperature: float = 1.0
+    kind: str = "forward"  # divergence of the kl loss: forward KL(p_t||p_s), reverse KL(p_s||p_t), jsd
+    beta: float = 0.5  # jsd's mixture weight of the teacher, m = beta p_t + (1 - beta) p_s
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -44,6 +48,13 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError(f"stage {self.name!r}: temperature={self.temperature} must be > 0")
+        if self.loss == "kl" and not self.kl_weight > 0:
+            raise ValueError(f"stage {self.name!r}: kl_weight={self.kl_weight} must be > 0 for loss='kl' "
+                             f"(ce_weight is applied relative to it)")
+        if self.kind not in KINDS:
+            raise ValueError(f"stage {self.name!r}: kind={self.kind!r} is not one of {KINDS}")
+        if self.kind == "jsd" and not 0 < self.beta < 1:
+            raise ValueError(f"stage {self.name!r}: beta={self.beta} must lie in (0, 1) for kind='jsd'")
 
     def tokens_per_step(self, world_size: int, accumulate: int) -> int:
         return self.batch_size * self.seq_len * world_size * accumulate

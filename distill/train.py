@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from distill import tracking
 from distill.checkpointing import save_stage_end
 from distill.checkpoints import read_checkpoint
-from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
+from distill.cli import CONF_DIR, log, register_resolvers, run_cli, summary_table
 from distill.evaluation import compare_on_batches, continuations
 from distill.module import DistillModule
+from distill import parallel
 from distill.parallel import resolve_precision, teacher_dtype
 from distill.preemption import handles_preemption, resume_path
 from distill.stages import Stage, stages_from_config
@@ -46,8 +48,8 @@ def find_resume(ckpt_path: str | None, run_dir: Path) -> tuple[Path | None, dict
 def build_models(cfg: DictConfig, precision: str):
     """Frozen teacher (+ its tokenizer) and the student initialized from it."""
     teacher_model, tokenizer = instantiate(cfg.teacher, dtype=teacher_dtype(precision))
-    student = build_student(teacher_model, StudentConfig(**OmegaConf.to_container(cfg.student)))
-    return FrozenTeacher(teacher_model), tokenizer, student
+    teacher = FrozenTeacher(teacher_model)
+    return teacher, tokenizer, build_student_from(cfg, teacher)
 
 
 def make_data(cfg: DictConfig, tokenizer, teacher: FrozenTeacher, seq_len: int, batch_size: int,
@@ -58,9 +60,12 @@ def make_data(cfg: DictConfig, tokenizer, teacher: FrozenTeacher, seq_len: int, 
 
 
 def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, data, logger,
-              precision: str, resume: Path | None) -> dict[str, Any]:
-    """One Trainer.fit for one stage; returns the stage record for the summary."""
+              precision: str, resume: Path | None):
+    """One Trainer.fit for one stage; returns (the stage record for the summary, the trainer)."""
+    # the align loss runs no FFN: new FFNs that a stage trains get no gradient there
+    unused = stage.loss == "align" and stage.trainable == "new" and cfg.student.ffn != "teacher"
     trainer = instantiate(cfg.trainer, precision=precision, logger=logger,
+                          strategy=parallel.lightning_strategy(cfg.strategy, unused_trainable=unused),
                           callbacks=list(instantiate(cfg.callbacks).values()),
                           default_root_dir=cfg.paths.output_dir)
     steps = stage.steps(trainer.world_size, trainer.accumulate_grad_batches, cfg.max_steps_per_stage)
@@ -72,10 +77,14 @@ def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, 
     seconds = time.perf_counter() - started
     record = {"name": stage.name, "loss": stage.loss, "steps": steps,
               "tokens": steps * stage.tokens_per_step(trainer.world_size, trainer.accumulate_grad_batches),
-              "final_loss": module.last_loss, "seconds": seconds}
+              "final_loss": module.final_loss, "seconds": seconds}
     module.finished_stages.append(record)
-    save_stage_end(trainer, Path(cfg.paths.output_dir) / "checkpoints" / f"stage{index}-{stage.name}.ckpt")
-    return record
+    save_stage_end(trainer, stage_end_path(cfg, index, stage))
+    return record, trainer
+
+
+def stage_end_path(cfg: DictConfig, index: int, stage: Stage) -> Path:
+    return Path(cfg.paths.output_dir) / "checkpoints" / f"stage{index}-{stage.name}.ckpt"
 
 
 @handles_preemption
@@ -85,11 +94,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.time()
     run_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    accelerator = cfg.trainer.accelerator
+    precision = resolve_precision(cfg.trainer.precision, accelerator)
+    parallel.check_strategy(cfg.strategy, cfg.optim)
+    parallel.configure_runtime(cfg.runtime, accelerator)
     teacher, tokenizer, student = build_models(cfg, precision)
+    if not cfg.strategy.shard_teacher:  # a sharded teacher may not fit one device: it is partitioned in fit
+        teacher.to(parallel.process_device(accelerator))  # data-free sampling runs where the job trains
+    choices = parallel.runtime_choices(cfg.runtime, accelerator, cfg.strategy)
+    log.info("runtime: %s, strategy %s", choices, cfg.strategy.lightning)
+    parallel.prepare_student(student, choices)
+    parallel.prepare_teacher(teacher, choices)
     run_config = OmegaConf.to_container(cfg, resolve=True)
     module = DistillModule(teacher, student, instantiate(cfg.optim), kl_chunk_tokens=cfg.kl_chunk_tokens,
-                           run_config={k: run_config[k] for k in ("teacher", "student", "data", "seed")})
+                           run_config={k: run_config[k] for k in ("teacher", "student", "data", "seed")},
+                           check_finite_every_n_steps=cfg.runtime.check_finite_every_n_steps,
+                           teacher_sharding=partial(parallel.shard_teacher, precision=precision)
+                           if cfg.strategy.shard_teacher else None)
     stages = stages_from_config(OmegaConf.to_container(cfg.stages, resolve=True))
     resume, checkpoint = find_resume(cfg.ckpt_path, run_dir)
     if resume:
@@ -101,28 +122,53 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.load_state_dict(read_checkpoint(resume)["state_dict"])
     logger = tracking.make_loggers(cfg) or False
 
+    trained_with_deepspeed = False
     for index, stage in enumerate(stages):
         if stage.name in done:
             continue
         data = make_data(cfg, tokenizer, teacher, stage.seq_len, stage.batch_size, index)
         same_stage = resume is not None and checkpoint["distill"]["stage_index"] == index
-        fit_stage(cfg, module, index, stage, data, logger, precision, resume if same_stage else None)
+        _, trainer = fit_stage(cfg, module, index, stage, data, logger, precision, resume if same_stage else None)
+        trained_with_deepspeed = parallel.uses_deepspeed(trainer)
 
-    summary = summarize(cfg, module, teacher, tokenizer, student, started)
-    if rank_zero_only.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(summary_table(summary))
-        tracking.log_summary(logger or [], summary)
+    if rank_zero_only.rank != 0:  # one process evaluates and writes the summary
+        return {"stages": module.finished_stages}
+    if trained_with_deepspeed:  # its student is sharded or cast in place: evaluate the consolidated fp32 one
+        student = build_student_from(cfg, teacher)
+        final = stage_end_path(cfg, len(stages) - 1, stages[-1])
+        student.load_state_dict(strip_prefix(read_checkpoint(final)["state_dict"], "student."))
+    summary = summarize(cfg, module, teacher, tokenizer, student, started, precision)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(summary_table(summary))
+    tracking.log_summary(logger or [], summary)
     return summary
 
 
-def summarize(cfg: DictConfig, module: DistillModule, teacher, tokenizer, student, started: float) -> dict:
-    device = next(student.parameters()).device
+def build_student_from(cfg: DictConfig, teacher: FrozenTeacher):
+    """A student initialized from the teacher, as cfg.student says."""
+    return build_student(teacher.model, StudentConfig(**OmegaConf.to_container(cfg.student)))
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+@torch.no_grad()
+def summarize(cfg: DictConfig, module: DistillModule, teacher, tokenizer, student, started: float,
+              precision: str) -> dict:
+    """Held-out metrics on the training device, under the training precision, eagerly (compiled
+    blocks would recompile for no_grad and one-token steps)."""
+    device = parallel.process_device(cfg.trainer.accelerator)
     teacher.to(device)
-    student.eval()
+    student.to(device).eval()
     eval_data = make_data(cfg, tokenizer, teacher, cfg.evaluation.seq_len, cfg.evaluation.batch_size)
     batches = eval_data.heldout_batches()
+    with torch.compiler.set_stance("force_eager"), parallel.autocast(precision, device):
+        return _summary(cfg, module, teacher, tokenizer, student, started, batches, device)
+
+
+def _summary(cfg, module, teacher, tokenizer, student, started, batches, device) -> dict:
     metrics = compare_on_batches(teacher, student, batches, cfg.kl_chunk_tokens)
     stages = module.finished_stages
     tokens = sum(s["tokens"] for s in stages)

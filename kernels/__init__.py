@@ -8,9 +8,7 @@ Inputs are validated here once, so the backends can assume them well formed.
 
 from __future__ import annotations
 
-import importlib
 import os
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -29,21 +27,24 @@ _TORCH = {
 }
 
 
-@lru_cache(maxsize=None)
+# Plain import statements, not importlib: torch.compile traces these (a lookup in sys.modules once the
+# module is loaded) and keeps the op in one graph; importlib would break the graph.
 def _load_triton(op: str) -> Callable | str:
     """The Triton function for op ("wkv7", "wkv7_step", ...), or why it cannot be imported."""
-    module = f"kernels.{op.removesuffix('_step')}_triton"
     try:
-        return getattr(importlib.import_module(module), f"{op}_triton")
-    except (ImportError, AttributeError) as err:
-        return f"{module} does not provide {op}_triton ({err})"
+        if op.startswith("wkv7"):
+            from kernels import wkv7_triton as module
+        else:
+            from kernels import wkv6_triton as module
+    except ImportError as err:
+        return f"kernels.{op.removesuffix('_step')}_triton cannot be imported ({err})"
+    return getattr(module, f"{op}_triton")
 
 
-@lru_cache(maxsize=None)
 def _triton_serves(N: int, dtypes: frozenset[torch.dtype]) -> bool:
     """Whether the Triton kernels take head size N and these input dtypes (they serve a few N only)."""
     try:
-        common = importlib.import_module("kernels.wkv_triton_common")
+        from kernels import wkv_triton_common as common
     except ImportError:
         return False
     return N in common.SUPPORTED_N and dtypes <= set(common.SUPPORTED_DTYPES)
@@ -70,6 +71,24 @@ def _select(op: str, backend: str, device: torch.device, N: int, dtypes: frozens
 def _backend_for(op: str, backend: str, *inputs: Tensor) -> Callable:
     """_select for these inputs ([.., N] each; the first one's device)."""
     return _select(op, backend, inputs[0].device, inputs[0].shape[-1], frozenset(x.dtype for x in inputs))
+
+
+def _autocast_operands(*xs: Tensor) -> tuple[Tensor, ...]:
+    """Under autocast, the operands in the autocast dtype (bf16 on a GPU), as autocast treats a matmul:
+    the products that make them promote to fp32 against fp32 parameters, and the kernels would then run
+    their fp32 path and move fp32 bytes. States stay fp32 (they are not passed here)."""
+    device = xs[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return xs
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x.to(dtype) for x in xs)
+
+
+def _run(fn: Callable, device: torch.device, *args, **kwargs):
+    """fn outside autocast: the backends accumulate and keep states in fp32 themselves (the contract),
+    which autocast would otherwise narrow inside the torch backend's matmuls."""
+    with torch.autocast(device.type, enabled=False):
+        return fn(*args, **kwargs)
 
 
 def _check_same_shape(names: str, tensors: tuple[Tensor, ...], ndim: int, layout: str) -> None:
@@ -113,12 +132,14 @@ def wkv7(
 
     r, w, k, v, a, b: [B, T, H, N] (w the log decay); initial_state: [B or n_seqs, H, K, V];
     cu_seqlens: [n_seqs + 1] packed sequence starts, B == 1.
-    Returns o [B, T, H, V] in the input dtype and s_T [B or n_seqs, H, K, V] (None unless asked).
+    Returns o [B, T, H, V] in the input dtype (the autocast dtype under autocast) and s_T
+    [B or n_seqs, H, K, V] fp32 (None unless asked).
     """
     _check_same_shape("r w k v a b", (r, w, k, v, a, b), 4, "[B, T, H, N]")
     _check_sequences(*r.shape, initial_state, cu_seqlens)
+    r, w, k, v, a, b = _autocast_operands(r, w, k, v, a, b)
     fn = _backend_for("wkv7", backend, r, w, k, v, a, b)
-    return fn(r, w, k, v, a, b, scale=scale, initial_state=initial_state,
+    return _run(fn, r.device, r, w, k, v, a, b, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
@@ -135,8 +156,9 @@ def wkv6(
     _check_same_shape("r k v w", (r, k, v, w), 4, "[B, T, H, N]")
     _check_u(u, *r.shape[2:])
     _check_sequences(*r.shape, initial_state, cu_seqlens)
+    r, k, v, w, u = _autocast_operands(r, k, v, w, u)
     fn = _backend_for("wkv6", backend, r, k, v, w, u)
-    return fn(r, k, v, w, u, scale=scale, initial_state=initial_state,
+    return _run(fn, r.device, r, k, v, w, u, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
@@ -155,7 +177,8 @@ def wkv7_step(
     """
     _check_same_shape("r w k v a b", (r, w, k, v, a, b), 3, "[B, H, N]")
     _check_step_state(state, *r.shape)
-    return _backend_for("wkv7_step", backend, r, w, k, v, a, b)(r, w, k, v, a, b, state, scale=scale)
+    r, w, k, v, a, b = _autocast_operands(r, w, k, v, a, b)
+    return _run(_backend_for("wkv7_step", backend, r, w, k, v, a, b), r.device, r, w, k, v, a, b, state, scale=scale)
 
 
 def wkv6_step(
@@ -169,4 +192,5 @@ def wkv6_step(
     _check_same_shape("r k v w", (r, k, v, w), 3, "[B, H, N]")
     _check_u(u, *r.shape[1:])
     _check_step_state(state, *r.shape)
-    return _backend_for("wkv6_step", backend, r, k, v, w, u)(r, k, v, w, u, state, scale=scale)
+    r, k, v, w, u = _autocast_operands(r, k, v, w, u)
+    return _run(_backend_for("wkv6_step", backend, r, k, v, w, u), r.device, r, k, v, w, u, state, scale=scale)

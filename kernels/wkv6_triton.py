@@ -22,6 +22,7 @@ from kernels.wkv_triton_common import (
     block_v, check_inputs, chunk_decays, dot_precision, grad_wanted, intra, load_chunk, partial_grad, reduce_parts,
     reverse_cumsum, seq_bounds, state_ptr, store_chunk, store_output, walk_end, walk_start,
 )
+from kernels.wkv_triton_ops import wkv_op
 from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
@@ -212,21 +213,8 @@ def _bwd(r, k, v, w, u, do, dht, saved, scale, cu_seqlens, want_dh0):
     return dr, dk, dv, dw, du.sum((0, 1)).to(u.dtype), dh0
 
 
-class _WKV6(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, k, v, w, u, initial_state, scale, output_final_state, cu_seqlens, save):
-        o, ht, saved = _fwd(r, k, v, w, u, scale, initial_state, output_final_state, cu_seqlens, save)
-        if save:
-            ctx.save_for_backward(r, k, v, w, u, cu_seqlens)
-            ctx.walk, ctx.scale, ctx.has_h0 = saved, scale, initial_state is not None
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        r, k, v, w, u, cu_seqlens = ctx.saved_tensors
-        dht = None if dht is None else dht.contiguous()
-        grads = _bwd(r, k, v, w, u, do, dht, ctx.walk, ctx.scale, cu_seqlens, ctx.has_h0)
-        return (*grads, None, None, None, None)
+# A torch.library custom op: torch.compile keeps it in the graph (kernels/wkv_triton_ops.py)
+_wkv6 = wkv_op("wkv6", ("r", "k", "v", "w", "u"), _fwd, _bwd, BT)
 
 
 def _check_u(name: str, u: Tensor, H: int, N: int) -> None:
@@ -251,7 +239,7 @@ def wkv6_triton(
         initial_state = initial_state.float().contiguous()
     r, k, v, w, u = (x.contiguous() for x in (r, k, v, w, u))
     save = grad_wanted(r, k, v, w, u, initial_state)
-    return _WKV6.apply(r, k, v, w, u, initial_state, float(scale), output_final_state, cu_seqlens, save)
+    return _wkv6(r, k, v, w, u, initial_state, cu_seqlens, float(scale), output_final_state, save)
 
 
 def wkv6_step_triton(

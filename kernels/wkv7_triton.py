@@ -25,6 +25,7 @@ from kernels.wkv_triton_common import (
     load_chunk, load_chunk_raw, partial_grad, reduce_parts, reverse_cumsum, seq_bounds, state_ptr, store_chunk,
     store_output, unit_tril_inverse, walk_end, walk_start,
 )
+from kernels.wkv_triton_ops import wkv_op
 from kernels.wkv_triton_walk import walk_backward, walk_forward
 
 BT = 16
@@ -291,21 +292,8 @@ def _bwd(r, w, k, v, a, b, do, dht, saved, scale, cu_seqlens, want_dh0):
     return dr, dw, dk, dv, da, db, dh0
 
 
-class _WKV7(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, initial_state, scale, output_final_state, cu_seqlens, save):
-        o, ht, saved = _fwd(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, save)
-        if save:
-            ctx.save_for_backward(r, w, k, v, a, b, cu_seqlens)
-            ctx.walk, ctx.scale, ctx.has_h0 = saved, scale, initial_state is not None
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        r, w, k, v, a, b, cu_seqlens = ctx.saved_tensors
-        dht = None if dht is None else dht.contiguous()
-        grads = _bwd(r, w, k, v, a, b, do, dht, ctx.walk, ctx.scale, cu_seqlens, ctx.has_h0)
-        return (*grads, None, None, None, None)
+# A torch.library custom op: torch.compile keeps it in the graph (kernels/wkv_triton_ops.py)
+_wkv7 = wkv_op("wkv7", ("r", "w", "k", "v", "a", "b"), _fwd, _bwd, BT)
 
 
 def wkv7_triton(
@@ -324,7 +312,7 @@ def wkv7_triton(
         initial_state = initial_state.float().contiguous()
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
     save = grad_wanted(r, w, k, v, a, b, initial_state)
-    return _WKV7.apply(r, w, k, v, a, b, initial_state, float(scale), output_final_state, cu_seqlens, save)
+    return _wkv7(r, w, k, v, a, b, initial_state, cu_seqlens, float(scale), output_final_state, save)
 
 
 def wkv7_step_triton(

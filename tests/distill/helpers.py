@@ -72,7 +72,7 @@ def tiny_job_overrides(teacher: Path, steps: int) -> list[str]:
         "evaluation.seq_len=64", "evaluation.batch_size=4", "evaluation.max_new_tokens=8",
         "evaluation.prompt=ROMEO:",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
-        "callbacks.model_checkpoint.every_n_train_steps=4",
+        "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.log_every_n_steps=2",
     ]
 
 

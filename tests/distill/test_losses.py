@@ -1,3 +1,4 @@
+import logging
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import l2_alignment, logit_stats
+from distill.losses import head_weight, l2_alignment, linear_kl
 from distill.module import warmup_cosine
 from distill.stages import Stage, stages_from_config
 
@@ -20,7 +21,7 @@ def _heads_and_states(B=2, T=7, C=12, V=50, seed=0):
 
 
 def _direct(head_t, head_s, h_t, h_s, labels, tau):
-    """The same quantities from full [B, T, V] logits."""
+    """KL sum ×τ², NLL sums and agreement count from full [B, T, V] logits."""
     lt, ls = head_t(h_t), head_s(h_s)
     pt = F.log_softmax(lt / tau, -1)
     kl = (pt.exp() * (pt - F.log_softmax(ls / tau, -1))).sum() * tau**2
@@ -30,40 +31,94 @@ def _direct(head_t, head_s, h_t, h_s, labels, tau):
     return kl, nll_s, nll_t, agree
 
 
+def _linear_kl(head_t, head_s, h_t, h_s, labels, **kw):
+    return linear_kl(h_s, head_s.weight, h_t, head_t.weight, labels=labels, backend="torch", **kw)
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 14, 1000])
 @pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_chunked_logit_stats_equal_full_logits(chunk, tau):
+def test_linear_kl_of_batches_equals_full_logits(chunk, tau):
+    """[B, T, C] inputs: means over B·T tokens; the loss's gradient (KL + 0.5 CE) is the full-logits one."""
     head_t, head_s, h_t, h_s, labels = _heads_and_states()
-    stats = logit_stats(h_t, head_t, h_s, head_s, labels, temperature=tau, chunk_tokens=chunk)
+    out = _linear_kl(head_t, head_s, h_t, h_s, labels, temperature=tau, ce_weight=0.5, chunk_tokens=chunk)
     kl, nll_s, nll_t, agree = _direct(head_t, head_s, h_t, h_s, labels, tau)
-    assert stats.tokens == labels.numel()
-    torch.testing.assert_close(stats.kl, kl.float(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats.student_nll, nll_s.float(), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats.teacher_nll, nll_t.float(), rtol=1e-6, atol=1e-6)
-    assert stats.top1_agree.item() == agree.item()
+    n = labels.numel()
+    assert out.tokens == n
+    torch.testing.assert_close(out.kl, kl.detach() / n, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.student_nll, nll_s.detach() / n, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.teacher_nll, nll_t.detach() / n, rtol=1e-6, atol=0)
+    assert out.top1.item() == agree.item() / n
+    torch.testing.assert_close(out.loss, (kl + 0.5 * nll_s).detach() / n, rtol=1e-6, atol=0)
 
-    (g_chunked,) = torch.autograd.grad(stats.kl + stats.student_nll, h_s)
-    (g_direct,) = torch.autograd.grad(kl + nll_s, h_s)
-    torch.testing.assert_close(g_chunked, g_direct, rtol=1e-5, atol=1e-7)
+    (g_fused,) = torch.autograd.grad(out.loss, h_s)
+    (g_direct,) = torch.autograd.grad((kl + 0.5 * nll_s) / n, h_s)
+    torch.testing.assert_close(g_fused, g_direct, rtol=1e-6, atol=1e-12)
 
 
-def test_logit_stats_skips_ignored_labels():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_kl_skips_ignored_labels(backend):
+    """Ignored tokens count nowhere and get a zero gradient; the rest match the kept tokens alone."""
     head_t, head_s, h_t, h_s, labels = _heads_and_states()
     masked = labels.clone()
-    masked[:, 3:] = -100
-    stats = logit_stats(h_t, head_t, h_s, head_s, masked, chunk_tokens=4)
-    kl, *_ = _direct(head_t, head_s, h_t[:, :3], h_s[:, :3], labels[:, :3], 1.0)
-    assert stats.tokens == 2 * 3
-    torch.testing.assert_close(stats.kl, kl.float(), rtol=1e-6, atol=1e-6)
+    masked[0, 3:] = -100
+    masked[1, :2] = -100
+    keep = masked != -100
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    h_s = h_s.detach().to(dtype).requires_grad_()
+    out = linear_kl(h_s, head_s.weight.to(dtype), h_t.to(dtype), head_t.weight.to(dtype), labels=masked,
+                    kind="reverse", backend=backend)
+    (grad,) = torch.autograd.grad(out.loss, h_s)
+    kept = linear_kl(h_s[keep], head_s.weight.to(dtype), h_t[keep].to(dtype), head_t.weight.to(dtype),
+                     labels=labels[keep], kind="reverse", backend=backend)
+    (grad_kept,) = torch.autograd.grad(kept.loss, h_s)
+    assert out.tokens == keep.sum().item() == 8
+    for field in ("loss", "kl", "student_nll", "teacher_nll", "top1"):
+        torch.testing.assert_close(getattr(out, field), getattr(kept, field), rtol=1e-6, atol=0)
+    assert torch.equal(grad[~keep], torch.zeros_like(grad[~keep]))
+    torch.testing.assert_close(grad, grad_kept, rtol=1e-6, atol=1e-9)
     with pytest.raises(ValueError, match="no counted tokens"):
-        logit_stats(h_t, head_t, h_s, head_s, torch.full_like(labels, -100))
+        _linear_kl(head_t, head_s, h_t, h_s, torch.full_like(labels, -100))
+
+
+def test_linear_kl_uses_the_shared_prefix_of_a_padded_teacher_head(caplog):
+    """A teacher head with rows past the student's vocabulary (padding): its first V rows are used,
+    with one warning per process; a teacher head shorter than the student's is an error."""
+    import distill.losses as losses
+
+    head_t, head_s, h_t, h_s, labels = _heads_and_states()
+    padded = torch.cat([head_t.weight.detach(), torch.full((6, 12), 50.0, dtype=torch.float64)])
+    losses._warn_teacher_vocab_prefix.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="distill.losses"):
+        out = linear_kl(h_s, head_s.weight, h_t, padded, labels=labels, backend="torch")
+        linear_kl(h_s, head_s.weight, h_t, padded, labels=labels, backend="torch")
+    ref = _linear_kl(head_t, head_s, h_t, h_s, labels)
+    torch.testing.assert_close(out.kl, ref.kl, rtol=0, atol=0)
+    warnings = [r for r in caplog.records if "first 50" in r.getMessage()]
+    assert len(warnings) == 1 and "56 rows" in warnings[0].getMessage()
+    with pytest.raises(ValueError, match="teacher head has 44 rows, fewer than the student's 50"):
+        linear_kl(h_s, head_s.weight, h_t, head_t.weight[:44], labels=labels)
+
+
+@pytest.mark.parametrize("bad_label, match", [(50, r"in \[0, 50\)"), (-3, r"in \[0, 50\)")])
+def test_linear_kl_rejects_labels_outside_the_vocabulary(bad_label, match):
+    head_t, head_s, h_t, h_s, labels = _heads_and_states()
+    labels[0, 0] = bad_label
+    with pytest.raises(ValueError, match=match):
+        _linear_kl(head_t, head_s, h_t, h_s, labels)
 
 
 def test_kl_is_zero_for_identical_models():
     head_t, _, h_t, _, labels = _heads_and_states()
-    stats = logit_stats(h_t, head_t, h_t.clone().requires_grad_(), head_t, labels, chunk_tokens=3)
-    assert abs(stats.kl.item()) < 1e-9
-    assert stats.top1_agree.item() == labels.numel()
+    out = _linear_kl(head_t, head_t, h_t, h_t.clone().requires_grad_(), labels)
+    assert abs(out.kl.item()) < 1e-12
+    assert out.top1.item() == 1.0
+    assert out.student_nll.item() == pytest.approx(out.teacher_nll.item(), rel=1e-12)
+
+
+def test_head_weight_rejects_a_biased_head():
+    assert head_weight(nn.Linear(4, 6, bias=False)).shape == (6, 4)
+    with pytest.raises(ValueError, match="without bias"):
+        head_weight(nn.Linear(4, 6))
 
 
 def test_l2_alignment_is_mean_token_norm_over_sqrt_d():
@@ -100,6 +155,9 @@ def test_stage_steps_from_token_budget():
     (dict(trainable="mlp"), "trainable='mlp'"),
     (dict(tokens=0), "tokens=0"),
     (dict(temperature=0), "temperature=0"),
+    (dict(kind="kl"), "kind='kl' is not one of"),
+    (dict(kind="jsd", beta=0.0), "beta=0.0 must lie in"),
+    (dict(kl_weight=0.0, ce_weight=1.0), "kl_weight=0.0 must be > 0"),
 ])
 def test_stage_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -115,13 +173,8 @@ def test_stages_from_config_errors():
         stages_from_config([_stage(), _stage()])
 
 
-@pytest.mark.parametrize("trainable, expected", [
-    ("time_mix", lambda s: {id(p) for b in s.layers for p in b.time_mix.parameters()}),
-    ("new", lambda s: {id(p) for b in s.layers for m in (b.time_mix, b.mlp) for p in m.parameters()}),
-    ("all", lambda s: {id(p) for p in s.parameters()}),
-])
-def test_stage_trains_exactly_its_parameter_group(trainable, expected):
-    """With ffn=rwkv the channel mixes are new: `new` trains them and the time mixes, nothing copied."""
+def _tiny_module():
+    """A DistillModule over a random 2-layer Llama teacher and its RWKV-7 student (ffn=rwkv)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from distill.module import DistillModule
@@ -132,6 +185,30 @@ def test_stage_trains_exactly_its_parameter_group(trainable, expected):
                                   num_key_value_heads=2, intermediate_size=48, vocab_size=61)
     teacher = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     student = build_student(teacher, StudentConfig(time_mix="rwkv7", ffn="rwkv"))
-    module = DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW)
+    return DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW), student
+
+
+@pytest.mark.parametrize("trainable, expected", [
+    ("time_mix", lambda s: {id(p) for b in s.layers for p in b.time_mix.parameters()}),
+    ("new", lambda s: {id(p) for b in s.layers for m in (b.time_mix, b.mlp) for p in m.parameters()}),
+    ("all", lambda s: {id(p) for p in s.parameters()}),
+])
+def test_stage_trains_exactly_its_parameter_group(trainable, expected):
+    """With ffn=rwkv the channel mixes are new: `new` trains them and the time mixes, nothing copied."""
+    module, student = _tiny_module()
     module.set_stage(0, Stage(**_stage(trainable=trainable)), total_steps=10)
     assert {id(p) for p in student.parameters() if p.requires_grad} == expected(student)
+
+
+def test_kl_stage_loss_weighs_its_logged_parts_as_configured():
+    """loss = kl_weight kl + hidden_weight hidden + ce_weight ce, with the stage's kind, beta and τ."""
+    torch.manual_seed(0)
+    module, _ = _tiny_module()
+    stage = Stage(**_stage(kind="jsd", beta=0.3, temperature=1.5, kl_weight=0.5, hidden_weight=0.2, ce_weight=0.7))
+    module.set_stage(0, stage, total_steps=10)
+    input_ids = torch.randint(0, 61, (2, 9))
+    labels = torch.cat([input_ids[:, 1:], torch.full((2, 1), -100)], 1)
+    parts = module.stage_loss(input_ids, labels)
+    expected = 0.5 * parts["kl"] + 0.2 * parts["hidden"] + 0.7 * parts["ce"]
+    torch.testing.assert_close(parts["loss"].detach(), expected, rtol=1e-6, atol=0)
+    assert parts["loss"].requires_grad and not parts["kl"].requires_grad and 0 < parts["top1"] <= 1

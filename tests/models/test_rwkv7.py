@@ -106,7 +106,8 @@ def test_matches_design_formulas_from_a_carried_state(head_size, groupnorm):
     ref1, _, ref_S1 = reference_rwkv7(layers[1], x1, ref_v_first, prev, S0)
     assert rel(out0, ref0) <= 1e-10 and rel(out1, ref1) <= 1e-10
     assert rel(state0["wkv"], ref_S0) <= 1e-10 and rel(state1["wkv"], ref_S1) <= 1e-10
-    assert torch.equal(state1["shift"], x1[:, -1]) and torch.equal(v_first, ref_v_first)
+    assert torch.equal(state1["shift"], x1[:, -1])
+    assert rel(v_first, ref_v_first) <= 1e-14  # float64 rounding: fused addmm vs x @ W.T + b
     assert v_first_after is v_first
     # every term shows: the carried state, the bonus
     assert rel(layers[1](x1, None, v_first)[0], out1) > 1e-3
