@@ -32,6 +32,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from distill.checkpoints import CheckpointError, read_checkpoint
 from distill.module import NonFiniteLossError
+from distill.parallel import uses_deepspeed  # DeepSpeed writes a directory of per-rank shards, ignoring CheckpointIO
 
 log = logging.getLogger("distill")
 
@@ -153,11 +154,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 # ----- through the trainer --------------------------------------------------------------------
 
-def writes_directories(strategy) -> bool:
-    """DeepSpeed writes a checkpoint as a directory of per-rank shards (and ignores CheckpointIO)."""
-    return type(strategy).__name__ == "DeepSpeedStrategy"
-
-
 def wait_for_writes(trainer) -> None:
     """Block until an asynchronous checkpoint write is on disk (re-raising its error, if any)."""
     io = trainer.strategy.checkpoint_io
@@ -199,7 +195,7 @@ def save_stage_end(trainer, path: Path) -> None:
     """The record of a finished stage: weights (fp32, consolidated from ZeRO shards) and the
     `distill` record, no optimizer state; last.ckpt then points to it (every rank calls this)."""
     require_finite_weights(trainer)
-    if writes_directories(trainer.strategy):
+    if uses_deepspeed(trainer):
         with written_by_all_ranks(path, trainer.strategy) as partial:
             trainer.save_checkpoint(partial)
         if trainer.is_global_zero:
@@ -220,7 +216,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         require_finite_weights(trainer)
-        if not writes_directories(trainer.strategy):
+        if not uses_deepspeed(trainer):
             super()._save_checkpoint(trainer, filepath)
             return
         with written_by_all_ranks(Path(filepath), trainer.strategy) as partial:

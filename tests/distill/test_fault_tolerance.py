@@ -26,7 +26,7 @@ STEPS, EVERY = 8, 3  # steps per stage, checkpoint interval (job_overrides)
 def interrupt(stage: str, step: int, moment: str, sig: str = "SIGKILL", note: Path | None = None) -> list[str]:
     return ["+callbacks.interrupt._target_=tests.distill.interrupts.Interrupt", f"+callbacks.interrupt.stage={stage}",
             f"+callbacks.interrupt.step={step}", f"+callbacks.interrupt.moment={moment}",
-            f"+callbacks.interrupt.signal={sig}", f"+callbacks.interrupt.note={note}"]
+            f"+callbacks.interrupt.signal={sig}", f"+callbacks.interrupt.note={note or 'null'}"]
 
 
 def record(path: Path) -> dict:
