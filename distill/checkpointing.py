@@ -161,9 +161,11 @@ def wait_for_writes(trainer) -> None:
         io.teardown()
 
 
-def require_finite_weights(trainer) -> None:
-    """Refuse to replace a good checkpoint by NaN/inf weights."""
+def require_finite(trainer) -> None:
+    """Refuse to replace a good checkpoint: every loss so far (DistillModule.check_finite, the more
+    telling message) and every weight must be finite."""
     module = trainer.lightning_module
+    module.check_finite()
     params = [p.detach() for p in module.parameters() if p.numel()]
     # the max-abs norm: NaN or inf exactly when an element is, and no overflow of huge finite weights
     if params and not torch.isfinite(torch.stack(torch._foreach_norm(params, ord=float("inf")))).all():
@@ -194,7 +196,7 @@ def write_weights_record(checkpoint: dict[str, Any], path: Path) -> None:
 def save_stage_end(trainer, path: Path) -> None:
     """The record of a finished stage: weights (fp32, consolidated from ZeRO shards) and the
     `distill` record, no optimizer state; last.ckpt then points to it (every rank calls this)."""
-    require_finite_weights(trainer)
+    require_finite(trainer)
     if uses_deepspeed(trainer):
         with written_by_all_ranks(path, trainer.strategy) as partial:
             trainer.save_checkpoint(partial)
@@ -215,7 +217,7 @@ class LastCheckpoint(ModelCheckpoint):
     and never over a good checkpoint with NaN/inf weights."""
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
-        require_finite_weights(trainer)
+        require_finite(trainer)
         if not uses_deepspeed(trainer):
             super()._save_checkpoint(trainer, filepath)
             return
@@ -224,6 +226,10 @@ class LastCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             replace_atomically(partial, Path(filepath))
         self._last_checkpoint_saved = filepath
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Nothing: Lightning would write a full last.ckpt here when the fit saved none; the stage-end
+        record (save_stage_end) takes that place, without the optimizer state."""
 
     def save_now(self, trainer) -> None:
         """Write last.ckpt now, unless this step's is written already, and wait until it is on disk
