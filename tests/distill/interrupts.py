@@ -20,17 +20,20 @@ class Interrupt(L.Callback):
     """Sends `signal` to this process when stage `stage` reaches global step `step`, at `moment`:
     "start" (the stage's Trainer starts training), "step" (inside that step: after its backward,
     before its optimizer step), or "write" (while the checkpoint of that step is being written).
-    `note`: a file that receives the moment's wall time, stage and step just before the signal."""
+    `note`: a file that receives the moment's wall time, stage and step just before the signal;
+    `rank`: only that global rank signals itself (None: every rank)."""
 
-    def __init__(self, stage: str, step: int, moment: str, signal: str = "SIGKILL", note: str | None = None):
+    def __init__(self, stage: str, step: int, moment: str, signal: str = "SIGKILL", note: str | None = None,
+                 rank: int | None = None):
         if moment not in MOMENTS:
             raise ValueError(f"moment={moment!r} is not one of {MOMENTS}")
-        self.stage, self.step, self.moment, self.note = stage, step, moment, note
+        self.stage, self.step, self.moment, self.note, self.rank = stage, step, moment, note, rank
         self.signum = int(getattr(signal_module, signal))
 
     def _here(self, trainer, pl_module, moment: str) -> bool:
         return (moment == self.moment and pl_module.stage.name == self.stage
-                and (moment == "start" or trainer.global_step == self.step))
+                and (moment == "start" or trainer.global_step == self.step)
+                and self.rank in (None, trainer.global_rank))
 
     def fire(self, stage: str, step: int) -> None:
         if self.note:

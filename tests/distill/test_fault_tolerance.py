@@ -135,6 +135,28 @@ def test_gpu_preset_checkpointing_async_and_by_time_resumes_exactly_on_cpu(chain
         assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_sigterm_to_rank_zero_of_two_ddp_processes_stops_both_at_one_step_and_resumes_exactly(
+        stdlib_teacher, corpus, tmp_path):
+    """trainer.devices=2 strategy=ddp (gloo): only rank 0 gets SIGTERM, both ranks agree at the step
+    boundary, the checkpoint of that step is written, the job exits (no rank left waiting), and the
+    resumed two-process run ends like an uninterrupted one."""
+    overrides = job_overrides(stdlib_teacher, corpus, tmp_path / "cache", steps=4, every=2) + [
+        "trainer.devices=2", "strategy=ddp"]
+    full = run_job(tmp_path / "full", overrides)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "run"
+    stopped = run_job(run, overrides + interrupt("kl", 1, "step", "SIGTERM") + ["+callbacks.interrupt.rank=0"])
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert record(run / "checkpoints" / LAST) == {"stage": "kl", "step": 2, "finished": ["align"]}
+    resumed = run_job(run, overrides + ["ckpt_path=last"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", run))
+    for x, y in zip(a["stages"], b["stages"], strict=True):
+        assert (x["name"], x["steps"], x["tokens"]) == (y["name"], y["steps"], y["tokens"])
+        assert y["final_loss"] == pytest.approx(x["final_loss"], rel=1e-5)
+
+
 # ----- single failures ------------------------------------------------------------------------
 
 def test_disk_full_while_saving_is_one_clear_error_and_the_previous_checkpoint_loads(stdlib_teacher, corpus,
