@@ -3,6 +3,7 @@
     distill-train                                  # the quickstart (experiment=quickstart)
     distill-train experiment=stories260k debug=smoke
     distill-train ... ckpt_path=last               # resume this run dir's last checkpoint
+    distill-train -m hydra/launcher=slurm ...      # submit to SLURM (README: SLURM)
 
 `train(cfg)` does the work and returns the summary dict, so tests call it directly.
 """
@@ -22,12 +23,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from distill import tracking
+from distill.checkpointing import save_stage_end
 from distill.checkpoints import read_checkpoint
 from distill.cli import CONF_DIR, log, register_resolvers, run_cli, summary_table
 from distill.evaluation import compare_on_batches, continuations
 from distill.module import DistillModule
 from distill import parallel
 from distill.parallel import resolve_precision, teacher_dtype
+from distill.preemption import handles_preemption, resume_path
 from distill.stages import Stage, stages_from_config
 from models.diagnostics import alignment_errors
 from models.student import StudentConfig, build_student
@@ -35,16 +39,10 @@ from models.teacher import FrozenTeacher
 
 
 def find_resume(ckpt_path: str | None, run_dir: Path) -> tuple[Path | None, dict[str, Any]]:
-    """(checkpoint to resume, its record and Lightning keys; no ZeRO weights gathered).
-    ckpt_path='last' means run_dir's checkpoints/last.ckpt (a file, or a DeepSpeed directory)."""
-    if ckpt_path is None:
-        return None, {}
-    path = run_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Give a .ckpt file, or 'last' together with "
-            "the run dir that holds checkpoints/last.ckpt (hydra.run.dir=...)")
-    return path, read_checkpoint(path, weights=False)
+    """(checkpoint to resume, its record and Lightning keys; no ZeRO weights gathered); ckpt_path:
+    null, 'last', 'auto' or a path, and a requeued SLURM job resumes by itself (preemption.resume_path)."""
+    path = resume_path(ckpt_path, run_dir)
+    return (path, read_checkpoint(path, weights=False)) if path else (None, {})
 
 
 def build_models(cfg: DictConfig, precision: str):
@@ -81,7 +79,7 @@ def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, 
               "tokens": steps * stage.tokens_per_step(trainer.world_size, trainer.accumulate_grad_batches),
               "final_loss": module.final_loss, "seconds": seconds}
     module.finished_stages.append(record)
-    trainer.save_checkpoint(stage_end_path(cfg, index, stage))
+    save_stage_end(trainer, stage_end_path(cfg, index, stage))
     return record, trainer
 
 
@@ -89,6 +87,8 @@ def stage_end_path(cfg: DictConfig, index: int, stage: Stage) -> Path:
     return Path(cfg.paths.output_dir) / "checkpoints" / f"stage{index}-{stage.name}.ckpt"
 
 
+@handles_preemption
+@tracking.finishes_wandb_runs
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage of the job, evaluate, write summary.json; return the summary."""
     started = time.time()
@@ -120,7 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # A stage-end checkpoint: no Trainer restores it (the next stage starts fresh), so its weights
         # go in here. A mid-stage checkpoint is restored whole by Trainer.fit(ckpt_path=...).
         module.load_state_dict(read_checkpoint(resume)["state_dict"])
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = tracking.make_loggers(cfg) or False
 
     trained_with_deepspeed = False
     for index, stage in enumerate(stages):
@@ -141,6 +141,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(summary_table(summary))
+    tracking.log_summary(logger or [], summary)
     return summary
 
 

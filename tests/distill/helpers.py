@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -72,3 +74,27 @@ def tiny_job_overrides(teacher: Path, steps: int) -> list[str]:
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
         "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.log_every_n_steps=2",
     ]
+
+
+def job_overrides(teacher: Path, text: Path, cache: Path, steps: int = 8, every: int = 3) -> list[str]:
+    """A two-stage tiny job on one text file as the command line takes it (held-out text = the
+    training text), `steps` per stage, last.ckpt every `every` steps."""
+    return [
+        f"teacher.path={teacher}", "data=text", f"data.source.paths=[{text}]",
+        "data.source.document_separator=null", "data.source.heldout_percent=0",
+        "+data.heldout_source._target_=distill.data.LocalFilesSource", f"+data.heldout_source.paths=[{text}]",
+        "data.eval_tokens=1024", f"paths.cache_dir={cache}", f"max_steps_per_stage={steps}",
+        "stages.0.seq_len=32", "stages.0.batch_size=4", "stages.0.lr=3e-3",
+        "stages.1.seq_len=32", "stages.1.batch_size=4", "stages.1.lr=1e-3",
+        "evaluation.seq_len=32", "evaluation.batch_size=4", "evaluation.max_new_tokens=4",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "~callbacks.progress_bar",
+        f"callbacks.model_checkpoint.every_n_train_steps={every}",
+    ]
+
+
+def run_job(run_dir: Path, overrides: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m distill.train` writing into run_dir, in `env` (default: this process's environment)
+    with one intra-op thread, as the tests' own."""
+    return subprocess.run([sys.executable, "-m", "distill.train", f"hydra.run.dir={run_dir}", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"})

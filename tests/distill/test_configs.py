@@ -10,6 +10,7 @@ import pytest
 from hydra.utils import instantiate
 
 from distill.stages import stages_from_config
+from distill.tracking import make_loggers
 from tests.distill.helpers import REPO, compose_train
 
 CONF = REPO / "conf"
@@ -45,7 +46,7 @@ def test_every_group_option_composes(group, option, tmp_path):
 
 def test_training_machinery_instantiates(tmp_path):
     cfg = compose_train(["debug=smoke"], tmp_path / "run", tmp_path / "cache")
-    trainer = instantiate(cfg.trainer, precision="32-true", logger=instantiate(cfg.logger),
+    trainer = instantiate(cfg.trainer, precision="32-true", logger=make_loggers(cfg),
                           callbacks=list(instantiate(cfg.callbacks).values()))
     assert trainer.accumulate_grad_batches == 1 and trainer.gradient_clip_val == 1.0
     assert instantiate(cfg.optim)  # a partial AdamW
