@@ -340,7 +340,10 @@ def run_job(folder: Path, steps: int, shape: str) -> dict:
             shutil.copy(REPO / "models" / "quickstart_teacher" / name, teacher_dir / name)
     run = folder / "job"
     shutil.rmtree(run, ignore_errors=True)
+    # the GPU presets' trainer and callbacks (last.ckpt by wall time, written asynchronously), as the
+    # experiment presets for real teachers choose them
     command = [sys.executable, "-m", "distill.train", "teacher=hf", f"teacher.path={teacher_dir}", "stages=radlads",
+               "trainer=gpu", "callbacks=gpu",
                f"max_steps_per_stage={steps}", f"hydra.run.dir={run}", f"paths.cache_dir={folder / 'cache'}",
                "evaluation.seq_len=512", "data.eval_tokens=65536", "trainer.enable_progress_bar=false",
                "~callbacks.progress_bar", "trainer.log_every_n_steps=20"]
