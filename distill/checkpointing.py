@@ -194,8 +194,10 @@ def write_weights_record(checkpoint: dict[str, Any], path: Path) -> None:
 
 
 def save_stage_end(trainer, path: Path) -> None:
-    """The record of a finished stage: weights (fp32, consolidated from ZeRO shards) and the
-    `distill` record, no optimizer state; last.ckpt then points to it (every rank calls this)."""
+    """The record of a finished stage: weights (fp32) and the `distill` record, no optimizer state;
+    last.ckpt then points to it (every rank calls this). Under DeepSpeed the fp32 weights live in
+    the ranks' optimizer shards: the full state is written once to a partial directory, rank 0
+    consolidates the record from it, and the directory is removed."""
     require_finite(trainer)
     if uses_deepspeed(trainer):
         with written_by_all_ranks(path, trainer.strategy) as partial:
