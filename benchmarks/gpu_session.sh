@@ -21,6 +21,7 @@ for spec in "$@"; do
     echo "=== $step (limit ${limit}s) $(date -u +%H:%M:%S)"
     case $step in
         throughput) cmd="python3 benchmarks/throughput.py --out $OUT/throughput.json --shapes 0.5b --seqs 512 --anchors teacher --steps 10" ;;
+        throughput_fla) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_fla.json --shapes 0.5b --seqs 512 --anchors teacher,fla --steps 10" ;;
         throughput_eager) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_eager.json --shapes 0.5b --seqs 512 --eager-too --anchors teacher --steps 10" ;;
         throughput_all) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_all.json --steps 10" ;;
         job) cmd="python3 benchmarks/throughput.py --out $OUT/job.json --shapes 0.5b --seqs 512 --anchors '' --steps 5 --job /tmp/job --job-steps 100" ;;
