@@ -3,7 +3,7 @@
 # time limit, logging to $OUT (files come back from there). Run from the repo root on the GPU machine:
 #   bash benchmarks/gpu_session.sh STEP[:SECONDS] ...
 # Steps: throughput (0.5B shape, seq 512, teacher anchor; throughput_eager: the student without compile too), throughput_all (both shapes and
-# seqs, both anchors), job (the whole distill-train job, 100 steps a stage), gpu_tests (every gpu-marked
+# seqs, both anchors), job (the whole distill-train job, 70 steps a stage), gpu_tests (every gpu-marked
 # test), kl (the fused KL's gpu tests and benchmarks/kl_memory.py), wkv (benchmarks/wkv.py at the two
 # training shapes), export (benchmarks/export_gpu.sh).
 # Carried beside the checkout (carry: .whl .assets .triton-cache): .whl holds the wheels the GPU image lacks
@@ -24,7 +24,7 @@ for spec in "$@"; do
         throughput_fla) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_fla.json --shapes 0.5b --seqs 512 --anchors teacher,fla --steps 10" ;;
         throughput_eager) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_eager.json --shapes 0.5b --seqs 512 --eager-too --anchors teacher --steps 10" ;;
         throughput_all) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_all.json --steps 10" ;;
-        job) cmd="python3 benchmarks/throughput.py --out $OUT/job.json --shapes 0.5b --seqs 512 --anchors '' --steps 5 --job /tmp/job --job-steps 100" ;;
+        job) cmd="python3 benchmarks/throughput.py --out $OUT/job.json --shapes 0.5b --job-only --job $OUT/job --job-steps 70" ;;
         gpu_tests) cmd="python3 -m pytest -q -m gpu -p no:cacheprovider -x tests" ;;
         strategies) cmd="python3 -m pytest -q -m gpu -p no:cacheprovider tests/distill/test_strategies_gpu.py" ;;
         kl) cmd="python3 -m pytest -q -m gpu -p no:cacheprovider -k 'kl' tests && python3 benchmarks/kl_memory.py --out $OUT/kl_memory.json --variants default,bv64_s4,s2" ;;

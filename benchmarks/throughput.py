@@ -306,7 +306,7 @@ def bench_fla(shape: str, seq: int, steps: int, peak: float) -> dict:
                          intermediate_size=q["intermediate_size"], vocab_size=QWEN_COMMON["vocab_size"],
                          decay_low_rank_dim=lora_rank(2.5, C), a_low_rank_dim=lora_rank(2.5, C),
                          v_low_rank_dim=lora_rank(1.7, C), gate_low_rank_dim=lora_rank(5.0, C),
-                         fuse_linear_cross_entropy=True)  # the student's LoRA sizes, by the same rule
+                         fuse_cross_entropy=False, fuse_linear_cross_entropy=True)  # LoRA sizes: the student's rule
     model = RWKV7ForCausalLM(config).cuda().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, 151936, (B, seq), device="cuda")
@@ -348,11 +348,12 @@ def run_job(folder: Path, steps: int, shape: str) -> dict:
                "evaluation.seq_len=512", "data.eval_tokens=65536", "trainer.enable_progress_bar=false",
                "~callbacks.progress_bar", "trainer.log_every_n_steps=20"]
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    log = folder / "job.log"  # written as the job runs: a job cut off by a time limit still leaves it
+    with open(log, "w") as out:
+        result = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - started
-    (folder / "job.log").write_text(result.stdout + result.stderr)
     if result.returncode != 0:
-        return {"returncode": result.returncode, "log_tail": (result.stdout + result.stderr)[-3000:]}
+        return {"returncode": result.returncode, "log_tail": log.read_text()[-3000:]}
     summary = json.loads((run / "summary.json").read_text())
     return {"wall_seconds": wall, "summary": summary,
             "stage_tokens_per_second": {s["name"]: s["tokens"] / s["seconds"] for s in summary["stages"]}}
@@ -368,6 +369,7 @@ def main() -> None:
     parser.add_argument("--anchors", default="fla,teacher")
     parser.add_argument("--job", default=None, help="scratch folder: also run the whole distill-train job")
     parser.add_argument("--job-steps", type=int, default=100)
+    parser.add_argument("--job-only", action="store_true", help="only the whole job (the raw step measured elsewhere)")
     args = parser.parse_args()
 
     parallel.configure_runtime(OmegaConf.create({"tf32": True}), "gpu")
@@ -379,7 +381,7 @@ def main() -> None:
     def save():
         out.write_text(json.dumps(results, indent=2))
 
-    for shape in args.shapes.split(","):
+    for shape in [] if args.job_only else args.shapes.split(","):
         for seq in (int(s) for s in args.seqs.split(",")):
             for compile_ in ([True, False] if args.eager_too else [True]):
                 results["rows"] += bench_distill(shape, seq, args.steps, compile_, peak)

@@ -121,10 +121,10 @@ def declare_external_parameters(module: nn.Module, parameters: Iterable[nn.Param
     reduces their gradients. No-op for parameters ZeRO-3 does not manage."""
     managed = [p for p in parameters if hasattr(p, "ds_id")]
     if managed:
-        from deepspeed.zero import register_external_parameter
+        import deepspeed  # deepspeed.zero is an attribute of the package, not an importable module path
 
         for p in managed:
-            register_external_parameter(module, p)
+            deepspeed.zero.register_external_parameter(module, p)
 
 
 # ----- the student's runtime ------------------------------------------------------------------
