@@ -270,62 +270,49 @@ def wkv_inside_vs_alone(step, student, B: int, T: int) -> dict:
                    "ratio": inside[name] / isolated[name] if name in isolated else None} for name in inside}
 
 
-def bench_teacher_ce(shape: str, seq: int, steps: int, peak: float) -> dict:
+def bench_ce_training(name: str, model: torch.nn.Module, shape: str, seq: int, steps: int, peak: float) -> dict:
+    """An anchor: `model` trained with its own CE (labels=ids) as our step trains the student (fp32
+    weights, bf16 autocast, clipping, fused AdamW). MFU by 6 N."""
+    B = BATCH[seq]
+    model = model.cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, 151936, (B, seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    row = {"model": name, "shape": shape, "seq": seq, "batch": B, "params": count(model.parameters()),
+           **measure(step, B * seq, steps, 3)}
+    row.update(flops_per_token=6 * row["params"], mfu=row["tokens_per_second"] * 6 * row["params"] / peak)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return row
+
+
+def teacher_anchor(shape: str):
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    B = BATCH[seq]
-    model = Qwen2ForCausalLM(qwen_config(shape)).cuda().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, 151936, (B, seq), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    row = {"model": "teacher CE (HF)", "shape": shape, "seq": seq, "batch": B, **measure(step, B * seq, steps, 3)}
-    flops = 6 * count(model.parameters())
-    row.update(flops_per_token=flops, mfu=row["tokens_per_second"] * flops / peak)
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return row
+    return Qwen2ForCausalLM(qwen_config(shape))
 
 
-def bench_fla(shape: str, seq: int, steps: int, peak: float) -> dict:
+def fla_anchor(shape: str):
+    """fla's RWKV7ForCausalLM at the student's sizes (its LoRA ranks by the student's rule), fused linear CE."""
     from fla.models import RWKV7Config, RWKV7ForCausalLM
 
     torch.manual_seed(0)
-    B = BATCH[seq]
     q = QWEN[shape]
     C = q["hidden_size"]
-    config = RWKV7Config(hidden_size=C, num_hidden_layers=q["num_hidden_layers"], head_dim=64,
-                         intermediate_size=q["intermediate_size"], vocab_size=QWEN_COMMON["vocab_size"],
-                         decay_low_rank_dim=lora_rank(2.5, C), a_low_rank_dim=lora_rank(2.5, C),
-                         v_low_rank_dim=lora_rank(1.7, C), gate_low_rank_dim=lora_rank(5.0, C),
-                         fuse_cross_entropy=False, fuse_linear_cross_entropy=True)  # LoRA sizes: the student's rule
-    model = RWKV7ForCausalLM(config).cuda().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, 151936, (B, seq), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    row = {"model": "fla RWKV7 CE", "shape": shape, "seq": seq, "batch": B, "params": count(model.parameters()),
-           **measure(step, B * seq, steps, 3)}
-    flops = 6 * row["params"]
-    row.update(flops_per_token=flops, mfu=row["tokens_per_second"] * flops / peak)
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return row
+    return RWKV7ForCausalLM(RWKV7Config(
+        hidden_size=C, num_hidden_layers=q["num_hidden_layers"], head_dim=64, intermediate_size=q["intermediate_size"],
+        vocab_size=QWEN_COMMON["vocab_size"], decay_low_rank_dim=lora_rank(2.5, C), a_low_rank_dim=lora_rank(2.5, C),
+        v_low_rank_dim=lora_rank(1.7, C), gate_low_rank_dim=lora_rank(5.0, C), fuse_cross_entropy=False,
+        fuse_linear_cross_entropy=True))
 
 
 def run_job(folder: Path, steps: int, shape: str) -> dict:
@@ -388,10 +375,11 @@ def main() -> None:
                 save()
             anchors = args.anchors.split(",") if args.anchors else []
             if "teacher" in anchors:
-                results["rows"].append(bench_teacher_ce(shape, seq, args.steps, peak))
+                results["rows"].append(bench_ce_training("teacher CE (HF)", teacher_anchor(shape), shape, seq,
+                                                         args.steps, peak))
                 save()
             if "fla" in anchors:
-                results["rows"].append(bench_fla(shape, seq, args.steps, peak))
+                results["rows"].append(bench_ce_training("fla RWKV7 CE", fla_anchor(shape), shape, seq, args.steps, peak))
                 save()
     if args.job:
         folder = Path(args.job)
