@@ -166,9 +166,11 @@ def prepare_student(student: nn.Module, choices: dict[str, Any]) -> nn.Module:
         # Identical blocks share one compiled graph (modules are inlined, their tensors are inputs);
         # layer 0 and the v_first layer differ, so allow a few graphs per code object.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # dynamic=False: each stage has its own fixed shapes, and the WKV ops plan their launches from
+        # concrete sizes (a stage at a new seq_len compiled with symbolic sizes failed on the H200)
         for wrapped, block in zip(student.layers, blocks):
-            wrapped.compile(backend=choices["compile_backend"])
-            block.time_mix.compile(backend=choices["compile_backend"])  # the align stage calls the time mixes alone
+            wrapped.compile(backend=choices["compile_backend"], dynamic=False)
+            block.time_mix.compile(backend=choices["compile_backend"], dynamic=False)  # align calls them alone
     return student
 
 
@@ -177,4 +179,4 @@ def prepare_teacher(teacher: nn.Module, choices: dict[str, Any]) -> None:
     FrozenTeacher compile with it), when compiling and the teacher is not to be sharded."""
     if choices["compile"] and not choices.get("shard_teacher"):
         for layer in teacher.model.model.layers:
-            layer.compile(backend=choices["compile_backend"])
+            layer.compile(backend=choices["compile_backend"], dynamic=False)

@@ -21,7 +21,7 @@ import triton
 from torch import Tensor
 
 from kernels.wkv_triton_common import block_v, chunk_layout
-from kernels.wkv_triton_walk import Saved, plan_segments
+from kernels.wkv_triton_walk import Saved, plan_segments, segment_chunks
 
 # One namespace per copy of this package: an exported model folder carries its own copy (distill-export),
 # which may be loaded beside ours in one process, and an op name registers only once.
@@ -59,11 +59,14 @@ def _fake_walk(x: Tensor, cu_seqlens: Tensor | None, output_final_state: bool, s
         n_chunks, n_segments = ctx.new_dynamic_size(), ctx.new_dynamic_size()
         return (torch.empty_like(x), ht, x.new_empty(n_chunks, H, N, N, dtype=torch.float32),
                 x.new_empty(n_segments, H, N, 2 * N, dtype=torch.float32))
-    seg = plan_segments(T, n_seq, None, H, N // block_v(N), BT, x.device)
-    if seg is None:
-        return torch.empty_like(x), ht, x.new_empty(n_seq * triton.cdiv(T, BT), H, N, N, dtype=torch.float32), empty
-    return (torch.empty_like(x), ht, x.new_empty(seg.n_chunks, H, N, N, dtype=torch.float32),
-            x.new_empty(seg.n, H, N, 2 * N, dtype=torch.float32))
+    # equal-length sequences: the plan's sizes by arithmetic, not by laying it out (plan_segments caches
+    # the layout's device tensors, which must not be fake ones)
+    seg_chunks = segment_chunks(T, n_seq, False, H, N // block_v(N), BT, x.device)
+    hs = x.new_empty(n_seq * triton.cdiv(T, BT), H, N, N, dtype=torch.float32)  # segments cut at chunk bounds
+    if seg_chunks is None:
+        return torch.empty_like(x), ht, hs, empty
+    n_segments = n_seq * max(1, triton.cdiv(T, seg_chunks * BT))
+    return torch.empty_like(x), ht, hs, x.new_empty(n_segments, H, N, 2 * N, dtype=torch.float32)
 
 
 def wkv_op(name: str, operands: tuple[str, ...], fwd: Callable, bwd: Callable, BT: int) -> Callable:

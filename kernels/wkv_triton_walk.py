@@ -47,20 +47,24 @@ def sm_count(device: torch.device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
+def segment_chunks(T: int, n_seq: int, packed: bool, H: int, NV: int, BT: int, device: torch.device) -> int | None:
+    """Chunks per segment when the (sequence, head, value block) programs cannot fill the device, else None."""
+    if SEGMENT_CHUNKS is not None:
+        return SEGMENT_CHUNKS
+    sms = sm_count(device)
+    programs = n_seq * H * NV
+    if sms is None or programs >= SEGMENT_BELOW * sms:
+        return None
+    pieces = max(1, SEGMENT_PROGRAMS_PER_SM * sms // programs)
+    chunks_per_seq = math.ceil(T / BT / (n_seq if packed else 1))
+    return max(MIN_SEGMENT_CHUNKS, math.ceil(chunks_per_seq / pieces))
+
+
 def plan_segments(T: int, n_seq: int, cu_seqlens: Tensor | None, H: int, NV: int, BT: int,
                   device: torch.device) -> Segments | None:
     """Segments when the (sequence, head, value block) programs cannot fill the device, else None."""
-    programs = n_seq * H * NV
-    sms = sm_count(device)
-    if SEGMENT_CHUNKS is not None:
-        seg_chunks = SEGMENT_CHUNKS
-    elif sms is not None:
-        if programs >= SEGMENT_BELOW * sms:
-            return None
-        pieces = max(1, SEGMENT_PROGRAMS_PER_SM * sms // programs)
-        chunks_per_seq = math.ceil(T / BT / (1 if cu_seqlens is None else n_seq))
-        seg_chunks = max(MIN_SEGMENT_CHUNKS, math.ceil(chunks_per_seq / pieces))
-    else:
+    seg_chunks = segment_chunks(T, n_seq, cu_seqlens is not None, H, NV, BT, device)
+    if seg_chunks is None:
         return None
     if cu_seqlens is None:
         bounds = tuple(i * T for i in range(n_seq + 1))

@@ -59,3 +59,24 @@ def test_autocast_hands_the_kernel_bf16_operands(name, backend):
     ref_o, ref_s = getattr(reference, f"{name}_reference")(*(x.to(torch.bfloat16).double() for x in inputs),
                                                                       output_final_state=True)
     assert rel_err(o, ref_o) <= 1e-2 and rel_err(s, ref_s) <= 1e-2
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_a_compiled_op_at_a_second_length_keeps_working_when_segmented(name, monkeypatch):
+    """A later stage at another seq_len recompiles the graph: with dynamic=False (as distill/parallel.py
+    compiles) the segmented launch plan sees concrete sizes. With symbolic ones it cannot be planned
+    (seen on the H200: unhashable SymInt in the segment layout)."""
+    import kernels.wkv_triton_walk as walk
+
+    monkeypatch.setattr(walk, "SEGMENT_CHUNKS", 1)  # segment on the CPU too
+    op, make = OPS[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *xs: _loss(op, xs, None), backend="aot_eager", fullgraph=True, dynamic=False)
+    for T in (37, 53):
+        inputs = [x.float().requires_grad_() for x in make(1, T, 2, 16, seed=T).values()]
+        value = compiled(*inputs)
+        grads = torch.autograd.grad(value, inputs)
+        eager = _loss(op, inputs, None)
+        assert value.item() == pytest.approx(eager.item(), rel=1e-6)
+        for g, e in zip(grads, torch.autograd.grad(eager, inputs), strict=True):
+            assert rel_err(g, e) <= 1e-6
