@@ -158,14 +158,16 @@ def measure(step, tokens: int, steps: int, warmup: int) -> dict:
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def bench_distill(shape: str, seq: int, steps: int, compile_: bool, peak: float) -> list[dict]:
+def bench_distill(shape: str, seq: int, steps: int, compile_: bool, peak: float,
+                  compile_teacher: bool = False) -> list[dict]:
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(0)
     B = BATCH[seq]
     teacher = FrozenTeacher(Qwen2ForCausalLM(qwen_config(shape)).to(torch.bfloat16).cuda())
     student = build_student(teacher.model, StudentConfig())
-    choices = {"compile": compile_, "compile_backend": "inductor", "activation_checkpointing": False, "tf32": True}
+    choices = {"compile": compile_, "compile_teacher": compile_ and compile_teacher, "compile_backend": "inductor",
+               "activation_checkpointing": False, "tf32": True}
     parallel.prepare_student(student, choices)
     parallel.prepare_teacher(teacher, choices)
     module = DistillModule(teacher, student.cuda(), torch.optim.AdamW)
@@ -182,6 +184,7 @@ def bench_distill(shape: str, seq: int, steps: int, compile_: bool, peak: float)
         distill_step(module, optimizer, ids, labels, params, clock)  # compiles, when compiling
         torch.cuda.synchronize()
         row = {"model": f"distill {name}", "shape": shape, "seq": seq, "batch": B, "compile": compile_,
+               "compile_teacher": choices["compile_teacher"],
                "first_step_s": time.perf_counter() - started,
                **measure(lambda: distill_step(module, optimizer, ids, labels, params, clock), B * seq, steps, 2)}
         if name == "kl":
@@ -353,6 +356,7 @@ def main() -> None:
     parser.add_argument("--seqs", default="512,2048")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eager-too", action="store_true", help="also the student without torch.compile")
+    parser.add_argument("--compile-teacher-too", action="store_true", help="also with the teacher's layers compiled")
     parser.add_argument("--anchors", default="fla,teacher")
     parser.add_argument("--job", default=None, help="scratch folder: also run the whole distill-train job")
     parser.add_argument("--job-steps", type=int, default=100)
@@ -372,6 +376,9 @@ def main() -> None:
         for seq in (int(s) for s in args.seqs.split(",")):
             for compile_ in ([True, False] if args.eager_too else [True]):
                 results["rows"] += bench_distill(shape, seq, args.steps, compile_, peak)
+                save()
+            if args.compile_teacher_too:
+                results["rows"] += bench_distill(shape, seq, args.steps, True, peak, compile_teacher=True)
                 save()
             anchors = args.anchors.split(",") if args.anchors else []
             if "teacher" in anchors:

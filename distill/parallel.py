@@ -143,15 +143,17 @@ def configure_runtime(runtime: DictConfig, accelerator: str) -> None:
 
 
 def runtime_choices(runtime: DictConfig, accelerator: str, strategy: DictConfig) -> dict[str, Any]:
-    """The runtime switches resolved: "auto" compiles (student blocks and teacher layers) on a GPU,
-    except under ZeRO-3 (its parameter hooks and dynamo do not mix); activation checkpointing is off
-    unless asked for."""
+    """The runtime switches resolved: "auto" compiles the student's blocks on a GPU, except under ZeRO-3
+    (its parameter hooks and dynamo do not mix); the teacher's layers only with compile_teacher (not
+    sharded); activation checkpointing is off unless asked for."""
     gpu = on_gpu(accelerator)
     zero3 = is_deepspeed(strategy) and strategy.lightning.get("stage") == 3
-    return {"compile": _switch(runtime, "compile", gpu and not zero3),
+    compile_student = _switch(runtime, "compile", gpu and not zero3)
+    return {"compile": compile_student,
+            "compile_teacher": compile_student and bool(runtime.compile_teacher) and not strategy.shard_teacher,
             "compile_backend": runtime.compile_backend,
             "activation_checkpointing": _switch(runtime, "activation_checkpointing", False),
-            "tf32": bool(gpu and runtime.tf32), "shard_teacher": bool(strategy.shard_teacher)}
+            "tf32": bool(gpu and runtime.tf32)}
 
 
 def prepare_student(student: nn.Module, choices: dict[str, Any]) -> nn.Module:
@@ -176,7 +178,7 @@ def prepare_student(student: nn.Module, choices: dict[str, Any]) -> nn.Module:
 
 def prepare_teacher(teacher: nn.Module, choices: dict[str, Any]) -> None:
     """torch.compile each decoder layer of the frozen HF teacher (the activation-recording hooks of
-    FrozenTeacher compile with it), when compiling and the teacher is not to be sharded."""
-    if choices["compile"] and not choices.get("shard_teacher"):
+    FrozenTeacher compile with it) when runtime.compile_teacher asks for it."""
+    if choices["compile_teacher"]:
         for layer in teacher.model.model.layers:
             layer.compile(backend=choices["compile_backend"], dynamic=False)

@@ -28,7 +28,7 @@ def test_runtime_wrappers_keep_outputs_gradients_and_checkpoint_keys(compile_, c
     torch._dynamo.reset()
     plain, wrapped = tiny_student(), tiny_student()
     choices = {"compile": compile_, "compile_backend": "aot_eager", "activation_checkpointing": checkpointing,
-               "tf32": False, "shard_teacher": False}
+               "tf32": False}
     parallel.prepare_student(wrapped, choices)
     assert set(wrapped.state_dict()) == set(plain.state_dict())
     ids = torch.randint(0, 96, (2, 20))
@@ -50,7 +50,7 @@ def test_compiled_teacher_layers_record_the_same_activations():
     teacher = FrozenTeacher(AutoModelForCausalLM.from_config(config).eval())
     ids = torch.randint(0, 96, (2, 20))
     eager = teacher(ids)
-    parallel.prepare_teacher(teacher, {"compile": True, "compile_backend": "aot_eager"})
+    parallel.prepare_teacher(teacher, {"compile_teacher": True, "compile_backend": "aot_eager"})
     compiled = teacher(ids)
     for field in ("attn_inputs", "attn_outputs", "hidden_states"):
         for a, b in zip(getattr(eager, field), getattr(compiled, field), strict=True):
@@ -90,7 +90,8 @@ def test_runtime_auto_compiles_on_gpus_only_and_not_under_zero3(tmp_path, monkey
     cfg = compose_train([], tmp_path, tmp_path)
     assert parallel.runtime_choices(cfg.runtime, "cpu", cfg.strategy)["compile"] is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert parallel.runtime_choices(cfg.runtime, "auto", cfg.strategy)["compile"] is True
+    choices = parallel.runtime_choices(cfg.runtime, "auto", cfg.strategy)
+    assert choices["compile"] is True and choices["compile_teacher"] is False
     zero3 = compose_train(["strategy=deepspeed_zero3"], tmp_path, tmp_path)
     assert parallel.runtime_choices(zero3.runtime, "auto", zero3.strategy)["compile"] is False
 
