@@ -31,7 +31,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -474,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, help="also replace this preset's section of this markdown file")
     p.add_argument("--only", help="comma-separated run names (or teacher prefixes, e.g. quickstart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run on CPU (1: best on a busy machine)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: one per core, each with --threads 1)")
     p.add_argument("--list", action="store_true", help="print the runs and their overrides, run nothing")
     args = p.parse_args(argv)
     out = args.out or REPO / "docs" / "results" / args.preset
@@ -497,13 +500,25 @@ def main(argv: list[str] | None = None) -> None:
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": {}, "not_run": NOT_RUN}
-    for run in runs:
+    lock = threading.Lock()
+
+    def one(run: Run) -> None:
         reason = skip_reason(run, smollm2)
         print(f"[{time.time() - started:6.0f} s] {run.name}: {reason or 'running'}", flush=True)
-        report["runs"][run.name] = ({"status": "skipped", "reason": reason} if reason else
-                                    run_one(run, work, args.cache_dir, env))
-        report["wall_seconds"] = time.time() - started
-        write_report(report, runs, out, args.results)
+        result = {"status": "skipped", "reason": reason} if reason else run_one(run, work, args.cache_dir, env)
+        with lock:
+            report["runs"][run.name] = result
+            report["wall_seconds"] = time.time() - started
+            write_report(report, runs, out, args.results)
+
+    # Runs of one teacher share its token cache and teacher samples: its first run makes them alone.
+    teachers = [r.teacher for r in runs]
+    firsts = [r for i, r in enumerate(runs) if teachers.index(r.teacher) == i and teachers.count(r.teacher) > 1]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(one, firsts))
+        list(pool.map(one, [r for r in runs if r not in firsts]))
+    report["runs"] = {r.name: report["runs"][r.name] for r in runs}  # the grid's order
+    write_report(report, runs, out, args.results)
     print((out / f"RESULTS.{args.preset}.md").read_text())
 
 
