@@ -4,6 +4,7 @@ the same students trained from scratch, written as JSON, PNG plots and a section
     python benchmarks/quality.py --preset cpu --results docs/RESULTS.md   # ~35 min on 2 CPU cores
     python benchmarks/quality.py --preset gpu --out $OUT                   # ~8 min on one H200
     python benchmarks/quality.py --preset cpu --list                       # the runs and their overrides
+    python benchmarks/quality.py --render docs/results/gpu/quality.json --results docs/RESULTS.md
 
 Every run is `python -m distill.train <overrides>` (the real entry point, one process per run) with
 evaluation.every_n_steps set, so its logs/metrics.csv holds held-out student NLL, KL and top-1 against
@@ -138,7 +139,7 @@ def cpu_runs(smollm2: Path) -> list[Run]:
     quickstart.insert(5, Run("quickstart.head64", "quickstart", "head size 64 (2 teacher heads per student head)", q,
                              quick + default_schedule(q) + ["student.head_size=64"]))
     quickstart.insert(6, Run("quickstart.teacher_samples", "quickstart",
-                             "data-free: 1,024 documents sampled from the teacher (held-out: the stdlib split)", q,
+                             "data-free: 1,024 documents sampled from the teacher (held-out: the stdlib split as one text file)", q,
                              quick + default_schedule(q) + [
                                  "data=teacher_samples", "data.source.num_documents=1024",
                                  "data.heldout_source={_target_:distill.data.LocalFilesSource,"
@@ -342,9 +343,10 @@ def plot(results: dict[str, dict], runs: list[Run], teacher: str, path: Path) ->
     if not done:
         return False
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for run in done:
+    colors = plt.get_cmap("tab20").colors  # one color per run: a grid has up to 17
+    for i, run in enumerate(done):
         curve = results[run.name]["curve"]
-        style = dict(color="black", lw=2.2) if run.scratch else dict(lw=2.2) if run.main else dict(lw=1, alpha=0.8)
+        style = dict(color="black", lw=2.2) if run.scratch else dict(color=colors[i % 20], lw=2.2 if run.main else 1)
         ax.plot([p["tokens"] for p in curve], [p["student_nll"] for p in curve], label=run.name.split(".", 1)[1],
                 **style)
     reference = next((r for r in done if r.main), done[0])  # the teacher on the main run's held-out tokens
@@ -448,16 +450,14 @@ def replace_section(path: Path, section: str, preset: str) -> None:
 def write_report(report: dict, runs: list[Run], out: Path, results_file: Path | None) -> None:
     report["baselines"] = {t: baseline(report["runs"], runs, t) for t in TEACHER_LABELS}
     (out / "quality.json").write_text(json.dumps(report, indent=1))
-    images = {}
-    base = results_file.parent if results_file else out
-    for teacher in TEACHER_LABELS:
-        png = out / f"quality_{teacher}.png"
-        if plot(report["runs"], runs, teacher, png):
-            images[teacher] = os.path.relpath(png, base)
-    section = markdown(report, runs, images)
-    (out / f"RESULTS.{report['preset']}.md").write_text(section)
+    pngs = {t: out / f"quality_{t}.png" for t in TEACHER_LABELS}
+    pngs = {t: png for t, png in pngs.items() if plot(report["runs"], runs, t, png)}
+    def links(base: Path) -> dict[str, str]:  # image paths relative to the markdown file
+        return {t: os.path.relpath(png, base) for t, png in pngs.items()}
+
+    (out / f"RESULTS.{report['preset']}.md").write_text(markdown(report, runs, links(out)))
     if results_file:
-        replace_section(results_file, section, report["preset"])
+        replace_section(results_file, markdown(report, runs, links(results_file.parent)), report["preset"])
 
 
 def git_commit() -> str:
@@ -480,7 +480,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run on CPU (1: best on a busy machine)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: one per core, each with --threads 1)")
     p.add_argument("--list", action="store_true", help="print the runs and their overrides, run nothing")
+    p.add_argument("--render", type=Path, help="a quality.json (e.g. from a GPU session): write its plots, "
+                   "markdown and --results section into --out again, run nothing")
     args = p.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        args.preset = report["preset"]
     out = args.out or REPO / "docs" / "results" / args.preset
     work = args.work or REPO / "outputs" / "quality" / args.preset
     smollm2 = args.smollm2 or fetch_smollm2.teacher_folder(args.cache_dir)
@@ -490,6 +495,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         wanted = args.only.split(",")
         runs = [r for r in runs if r.name in wanted or r.teacher in wanted]
+    if args.render:
+        out.mkdir(parents=True, exist_ok=True)
+        write_report(report, [r for r in runs if r.name in report["runs"]], out, args.results)
+        return
     if args.list:  # composing each run checks its overrides
         for run in runs:
             stages = ", ".join(f"{s['name']} {s['tokens']:,}" for s in composed_stages(run.overrides))

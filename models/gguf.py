@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 
 def _reader_installed() -> None:
@@ -26,6 +26,12 @@ def _reader_installed() -> None:
     missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"reading a GGUF teacher needs the packages {missing}: pip install -e '.[gguf]'")
+
+
+def gguf_config(folder: str, gguf_file: str) -> PretrainedConfig:
+    """The model config in the file's header (fast: no tensor is read)."""
+    _reader_installed()
+    return AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
 
 
 def gguf_location(path: str | Path, gguf_file: str | None) -> tuple[str, str] | None:

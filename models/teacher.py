@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from models.gguf import gguf_location, load_gguf
+from models.gguf import gguf_config, gguf_location, load_gguf
 from models.llama2c import load_llama2c
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -80,7 +80,7 @@ def _load_gguf_teacher(folder: str, gguf_file: str, tokenizer: str | None, dtype
     if not (Path(folder) / gguf_file).is_file() and not _HUB_ID.match(folder):
         raise FileNotFoundError(f"GGUF teacher {gguf_file!r} not found in {folder!r}: expected a .gguf file, "
                                 "or a folder or hub id 'org/name' holding gguf_file")
-    check_teacher_family(AutoConfig.from_pretrained(folder, gguf_file=gguf_file))  # the header only: fast
+    check_teacher_family(gguf_config(folder, gguf_file))
     model, tok = load_gguf(folder, gguf_file, dtype)
     return model, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else tok
 

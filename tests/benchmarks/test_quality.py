@@ -70,3 +70,5 @@ def test_smoke_grid_reports_what_its_runs_wrote(tmp_path):
     text = (tmp_path / "RESULTS.md").read_text()
     assert f"| quickstart.rad_rwkv7 | RAD-RWKV7, align 2,048 + kl 4,096 | 6,144 | {summary['student_nll']:.4f} |" in text
     assert math.isfinite(report["wall_seconds"])
+    quality.main(["--render", str(out / "quality.json"), "--out", str(tmp_path / "again")])  # e.g. a GPU session's
+    assert (tmp_path / "again" / "RESULTS.smoke.md").read_text() == (out / "RESULTS.smoke.md").read_text()
