@@ -29,7 +29,7 @@ from distill.checkpoints import read_checkpoint
 from distill.cli import CONF_DIR, log, register_resolvers, run_cli, summary_table
 from distill.evaluation import compare_on_batches, continuations
 from distill.module import DistillModule
-from distill import parallel
+from distill import hybrid, parallel
 from distill.parallel import resolve_precision, teacher_dtype
 from distill.preemption import handles_preemption, resume_path
 from distill.stages import Stage, stages_from_config
@@ -98,7 +98,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.trainer.precision, accelerator)
     parallel.check_strategy(cfg.strategy, cfg.optim)
     parallel.configure_runtime(cfg.runtime, accelerator)
+    resume, checkpoint = find_resume(cfg.ckpt_path, run_dir)
+    auto = hybrid.plan(cfg, checkpoint)  # attention_layers=auto:K: all RWKV until the align stage ends
     teacher, tokenizer, student = build_models(cfg, precision)
+    if auto:
+        auto.check(student)
     if not cfg.strategy.shard_teacher:  # a sharded teacher may not fit one device: it is partitioned in fit
         teacher.to(parallel.process_device(accelerator))  # data-free sampling runs where the job trains
     choices = parallel.runtime_choices(cfg.runtime, accelerator, cfg.strategy)
@@ -112,7 +116,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                            teacher_sharding=partial(parallel.shard_teacher, precision=precision)
                            if cfg.strategy.shard_teacher else None)
     stages = stages_from_config(OmegaConf.to_container(cfg.stages, resolve=True))
-    resume, checkpoint = find_resume(cfg.ckpt_path, run_dir)
     if resume:
         module.finished_stages = list(checkpoint["distill"]["finished_stages"])
     done = {s["name"] for s in module.finished_stages}
@@ -126,6 +129,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for index, stage in enumerate(stages):
         if stage.name in done:
             continue
+        if auto and auto.due(index):
+            heldout = make_data(cfg, tokenizer, teacher, cfg.evaluation.seq_len, cfg.evaluation.batch_size)
+            student = auto.switch(cfg, module, teacher, heldout, choices, precision,
+                                  stage_end_path(cfg, auto.after, stages[auto.after]))
         data = make_data(cfg, tokenizer, teacher, stage.seq_len, stage.batch_size, index)
         same_stage = resume is not None and checkpoint["distill"]["stage_index"] == index
         _, trainer = fit_stage(cfg, module, index, stage, data, logger, precision, resume if same_stage else None)

@@ -59,6 +59,7 @@ NORMS: dict[str, Callable[[TeacherShape], nn.Module]] = {
     "rms": lambda shape: RMSNorm(shape.hidden_size, shape.rms_norm_eps),
     "layer": lambda shape: nn.LayerNorm(shape.hidden_size, eps=LAYER_NORM_EPS),
 }
+INITS = ("teacher", "scratch")
 
 
 @dataclass
@@ -76,6 +77,7 @@ class StudentConfig:
     attention_layers: list[int] = field(default_factory=list)  # hybrid: keep the teacher's attention here
     ffn: str = "teacher"  # key of FFN: "teacher" = its MLP, copied; "rwkv" = RWKV-7 channel mix, new
     norm: str = "rms"  # key of NORMS: "rms" = the teacher's RMSNorms; "layer" = LayerNorms + ln0 (plain RWKV-7)
+    init: str = "teacher"  # "scratch": what would be copied from the teacher is random instead (a baseline)
 
     @property
     def v_first_layer(self) -> int:
@@ -149,6 +151,8 @@ def resolve(cfg: StudentConfig, shape: TeacherShape) -> StudentConfig:
         raise ValueError(f"ffn={cfg.ffn!r} is unknown; valid: {sorted(FFN)}")
     if cfg.norm not in NORMS:
         raise ValueError(f"norm={cfg.norm!r} is unknown; valid: {sorted(NORMS)}")
+    if cfg.init not in INITS:
+        raise ValueError(f"init={cfg.init!r} is unknown; valid: {list(INITS)}")
     L = shape.num_layers
     if any(not isinstance(i, int) or not 0 <= i < L for i in cfg.attention_layers):
         raise ValueError(f"attention_layers={list(cfg.attention_layers)} must be layer indices of the "
@@ -330,9 +334,15 @@ class StudentLM(nn.Module):
 def build_student(teacher: nn.Module, cfg: StudentConfig) -> StudentLM:
     """A StudentLM initialized from a HF Llama-family causal LM; its parameters are copies (lm_head
     untied) and the teacher is left untouched. They are trained, so they are float32 even for a
-    bf16/fp16 teacher (the copy is exact); a float64 teacher gives a float64 student."""
+    bf16/fp16 teacher (the copy is exact); a float64 teacher gives a float64 student.
+    cfg.init "scratch" copies from a randomly initialized model of the teacher's class and config
+    instead (its own init, e.g. HF Llama's normal(0, initializer_range)): the same student
+    architecture trained from scratch, the baseline that distillation is measured against."""
     shape = TeacherShape.of(teacher)
     cfg = resolve(cfg, shape)
+    device = teacher.model.embed_tokens.weight.device
+    if cfg.init == "scratch":
+        teacher = type(teacher)(copy.deepcopy(teacher.config)).to(teacher.model.embed_tokens.weight.dtype)
     dtype = torch.promote_types(teacher.model.embed_tokens.weight.dtype, torch.float32)
     student = StudentLM(shape, cfg, copy.deepcopy(teacher.model.rotary_emb)).to(dtype)
     loaded = student.load_state_dict(teacher_state(teacher, cfg), strict=False)
@@ -341,7 +351,7 @@ def build_student(teacher: nn.Module, cfg: StudentConfig) -> StudentLM:
                          f"{loaded.unexpected_keys[:5]}")
     params, new = dict(student.named_parameters()), {id(p) for p in student.new_parameters()}
     assert all(id(params[key]) in new for key in loaded.missing_keys), loaded.missing_keys
-    return student.to(teacher.model.embed_tokens.weight.device)
+    return student.to(device)
 
 
 def teacher_state(teacher: nn.Module, cfg: StudentConfig) -> dict[str, Tensor]:

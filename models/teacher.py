@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from models.gguf import gguf_config, gguf_location, load_gguf
 from models.llama2c import load_llama2c
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -75,19 +76,37 @@ def _load_hf_teacher(path: str, tokenizer: str | None, dtype: torch.dtype):
     return model, AutoTokenizer.from_pretrained(tokenizer or path)
 
 
+def _load_gguf_teacher(folder: str, gguf_file: str, tokenizer: str | None, dtype: torch.dtype):
+    if not (Path(folder) / gguf_file).is_file() and not _HUB_ID.match(folder):
+        raise FileNotFoundError(f"GGUF teacher {gguf_file!r} not found in {folder!r}: expected a .gguf file, "
+                                "or a folder or hub id 'org/name' holding gguf_file")
+    check_teacher_family(gguf_config(folder, gguf_file))
+    model, tok = load_gguf(folder, gguf_file, dtype)
+    return model, AutoTokenizer.from_pretrained(tokenizer) if tokenizer else tok
+
+
 def load_teacher(
-    path: str | Path, *, tokenizer: str | None = None, dtype: str = "float32"
+    path: str | Path, *, tokenizer: str | None = None, dtype: str = "float32", gguf_file: str | None = None,
+    made_by: str | None = None,
 ) -> tuple[PreTrainedModel, Any]:
     """Load a frozen teacher and its tokenizer.
 
     `path` is a llama2.c checkpoint file (then `tokenizer` is its tokenizer .bin, required), a
-    local Hugging Face folder, or a hub id "org/name". Returns (model, tokenizer) with the model
-    in eval mode, every parameter requires_grad False, weights in `dtype`. The tokenizer is an HF
-    tokenizer or a `Llama2cTokenizer`: both meet the protocol of docs/architecture.md.
+    local Hugging Face folder, a hub id "org/name", or a GGUF file: a .gguf path, or the folder /
+    hub id holding `gguf_file` (dequantized; its tokenizer comes from the same file unless
+    `tokenizer` names another). Returns (model, tokenizer) with the model in eval mode, every
+    parameter requires_grad False, weights in `dtype`. The tokenizer is an HF tokenizer or a
+    `Llama2cTokenizer`: both meet the protocol of docs/architecture.md. made_by: the command that
+    makes a local `path` (a converted teacher), named in the error when it is missing.
     """
     torch_dtype = _torch_dtype(dtype)
     local = Path(path).expanduser()
-    if local.is_file():
+    if made_by is not None and not local.exists():
+        raise FileNotFoundError(f"teacher {str(path)!r} not found: it is made by `{made_by}`")
+    gguf = gguf_location(path, gguf_file)
+    if gguf is not None:
+        model, tok = _load_gguf_teacher(*gguf, tokenizer, torch_dtype)
+    elif local.is_file():
         model, tok = _load_llama2c_teacher(local, tokenizer)
         model.to(torch_dtype)
     elif local.is_dir() or (_HUB_ID.match(str(path)) and local.suffix != ".bin"):

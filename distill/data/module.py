@@ -168,13 +168,16 @@ class DistillDataModule(LightningDataModule):
             pin_memory=torch.cuda.is_available(),
         )
 
-    def heldout_batches(self, batch_size: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """Windows of the first eval_tokens held-out tokens in order, batched by batch_size
-        (default: the train batch size; the last batch may be smaller)."""
-        dataset = PackedWindows(self.stream("heldout"), self.seq_len, self.eval_tokens)
+    def heldout_batches(self, batch_size: int | None = None, seq_len: int | None = None,
+                        max_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Windows of seq_len (default: the train seq_len) of the first max_tokens (default:
+        eval_tokens) held-out tokens in order, batched by batch_size (default: the train batch
+        size; the last batch may be smaller)."""
+        seq_len = seq_len or self.seq_len
+        dataset = PackedWindows(self.stream("heldout"), seq_len, max_tokens or self.eval_tokens)
         if len(dataset) == 0:
             raise ValueError(
-                f"the held-out data has {dataset.num_tokens} tokens, fewer than seq_len + 1 = {self.seq_len + 1}; "
+                f"the held-out data has {dataset.num_tokens} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                 f"use a larger held-out split or a shorter seq_len"
             )
         return list(DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False))
