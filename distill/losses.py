@@ -35,7 +35,7 @@ class LinearKLResult:
     """What `linear_kl` returns: the loss to train on and the by-products to log, means over the counted
     tokens (labels != ignore_index). Only `loss` carries a gradient (to h_s and w_s)."""
 
-    loss: Tensor  # tau^2 mean divergence + ce_weight mean student CE (the CE term only when ce_weight != 0)
+    loss: Tensor  # kl_weight tau^2 mean divergence + ce_weight mean student CE (CE only when ce_weight != 0)
     kl: Tensor  # tau^2 mean divergence of the chosen kind, as in the loss
     student_nll: Tensor  # mean -log p_student(label) at temperature 1 (exp: perplexity); NaN without labels
     teacher_nll: Tensor  # mean -log p_teacher(label) at temperature 1; NaN without labels
@@ -70,7 +70,7 @@ def _shared_vocab(w_t: Tensor, v_student: int) -> Tensor:
 def linear_kl(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float = 1.0, kind: str = "forward",
     beta: float = 0.5, labels: Tensor | None = None, ce_weight: float = 0.0, ignore_index: int = -100,
-    backend: str = "auto", chunk_tokens: int = 1024,
+    kl_weight: float = 1.0, backend: str = "auto", chunk_tokens: int = 1024,
 ) -> LinearKLResult:
     """Divergence of student from teacher on next-token distributions, from final hidden states and heads.
 
@@ -81,8 +81,9 @@ def linear_kl(
     beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s, 0 < beta < 1 -- the
     convention of Liger-Kernel's LigerFusedLinearJSD(jsd_beta=beta) (teacher = its target P), which
     however turns beta = 0 / 1 into forward / reverse KL. p = softmax(logits / temperature) for both
-    models; the divergence is scaled by temperature^2. The student NLL/CE and teacher NLL use
-    temperature 1; the CE term and its gradient exist only when ce_weight != 0.
+    models; the divergence is scaled by temperature^2. loss = kl_weight (scaled divergence) + ce_weight
+    (student CE); the student NLL/CE and teacher NLL use temperature 1; the CE term and its gradient
+    exist only when ce_weight != 0 (kl_weight = 0, ce_weight > 0: language-model training alone).
     No [N, V] tensor is materialized (kernels/NOTES_linear_kl.md); backend: "auto" | "triton" | "torch",
     chunk_tokens the torch backend's token chunk.
     """
@@ -95,7 +96,7 @@ def linear_kl(
     if h_s.shape[0] == 0:
         raise ValueError("linear_kl got no tokens")
     loss, sums = fused_linear_kl(h_s, w_s, h_t, w_t, labels, temperature=temperature, kind=kind, beta=beta,
-                                 ce_weight=ce_weight, ignore_index=ignore_index, backend=backend,
+                                 ce_weight=ce_weight, kl_weight=kl_weight, ignore_index=ignore_index, backend=backend,
                                  chunk_tokens=chunk_tokens)
     tokens = h_s.shape[0] if labels is None else (labels != ignore_index).sum()
     kl, student_nll, teacher_nll, top1 = (sums / (tokens.clamp_min(1) if labels is not None else tokens)).unbind()

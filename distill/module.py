@@ -109,14 +109,13 @@ class DistillModule(L.LightningModule):
             return {"loss": per_layer.mean(), "align": per_layer.mean().detach(), **layers}
         student_out = self.student(input_ids)
         stage = self.stage
-        # out.loss = KL + (ce_weight / kl_weight) CE, so kl_weight * out.loss weighs both as configured.
         out = linear_kl(student_out.last_hidden, head_weight(self.student.lm_head),
                         teacher_out.last_hidden, head_weight(self.teacher.lm_head), labels=labels,
                         temperature=stage.temperature, kind=stage.kind, beta=stage.beta,
-                        ce_weight=stage.ce_weight / stage.kl_weight, chunk_tokens=self.kl_chunk_tokens)
+                        kl_weight=stage.kl_weight, ce_weight=stage.ce_weight, chunk_tokens=self.kl_chunk_tokens)
         hidden = torch.stack([l2_alignment(t, s) for t, s in
                               zip(teacher_out.hidden_states, student_out.hidden_states)]).mean()
-        loss = stage.kl_weight * out.loss + stage.hidden_weight * hidden
+        loss = out.loss + stage.hidden_weight * hidden
         return {"loss": loss, "kl": out.kl, "hidden": hidden.detach(), "ce": out.student_nll,
                 "top1": out.top1}
 

@@ -48,9 +48,12 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError(f"stage {self.name!r}: temperature={self.temperature} must be > 0")
-        if self.loss == "kl" and not self.kl_weight > 0:
-            raise ValueError(f"stage {self.name!r}: kl_weight={self.kl_weight} must be > 0 for loss='kl' "
-                             f"(ce_weight is applied relative to it)")
+        weights = {k: getattr(self, k) for k in ("kl_weight", "ce_weight", "hidden_weight")}
+        if any(w < 0 for w in weights.values()):
+            raise ValueError(f"stage {self.name!r}: the loss weights {weights} must all be >= 0")
+        if self.loss == "kl" and self.kl_weight == self.ce_weight == 0:
+            raise ValueError(f"stage {self.name!r}: kl_weight and ce_weight are both 0 for loss='kl'; set one "
+                             f"of them > 0 (ce_weight alone: language-model training on the labels)")
         if self.kind not in KINDS:
             raise ValueError(f"stage {self.name!r}: kind={self.kind!r} is not one of {KINDS}")
         if self.kind == "jsd" and not 0 < self.beta < 1:

@@ -66,9 +66,9 @@ def _select(backend: str, device: torch.device, dtypes: tuple[torch.dtype, torch
     return found
 
 
-def _mean_loss(sums: Tensor, tokens: int | Tensor, ce_weight: float) -> Tensor:
-    """tau^2 mean D (+ ce_weight mean CE) from the backend's sums [4] over the counted tokens."""
-    total = sums[0] + ce_weight * sums[1] if ce_weight else sums[0]
+def _mean_loss(sums: Tensor, tokens: int | Tensor, kl_weight: float, ce_weight: float) -> Tensor:
+    """kl_weight tau^2 mean D (+ ce_weight mean CE) from the backend's sums [4] over the counted tokens."""
+    total = kl_weight * sums[0] + ce_weight * sums[1] if ce_weight else kl_weight * sums[0]
     return total / (tokens.clamp_min(1) if isinstance(tokens, Tensor) else tokens)
 
 
@@ -76,11 +76,11 @@ class _FusedLinearKL(torch.autograd.Function):
     """loss, sums = run(need_dh, need_dw)'s; gradients for h_s and w_s only (the teacher is frozen)."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, run, ce_weight, count):
+    def forward(ctx, h_s, w_s, h_t, w_t, run, weights, count):
         sums, dh, dw = run(ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(None if dh is None else dh.to(h_s.dtype), None if dw is None else dw.to(w_s.dtype))
         ctx.mark_non_differentiable(sums)
-        return _mean_loss(sums, count, ce_weight), sums
+        return _mean_loss(sums, count, *weights), sums
 
     @staticmethod
     def backward(ctx, grad_loss, grad_sums):
@@ -90,7 +90,7 @@ class _FusedLinearKL(torch.autograd.Function):
 
 
 def _check(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None, temperature: float,
-           kind: str, beta: float, ce_weight: float) -> None:
+           kind: str, beta: float, kl_weight: float, ce_weight: float) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not one of {KINDS}")
     if kind == "jsd" and not 0 < beta < 1:
@@ -106,6 +106,8 @@ def _check(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | 
                          f"h_t {tuple(h_t.shape)}; got w_s {tuple(w_s.shape)}, w_t {tuple(w_t.shape)}")
     if labels is not None and labels.shape != (h_s.shape[0],):
         raise ValueError(f"labels must be [N] = [{h_s.shape[0]}], got {tuple(labels.shape)}")
+    if kl_weight < 0 or ce_weight < 0 or kl_weight == ce_weight == 0:
+        raise ValueError(f"kl_weight={kl_weight}, ce_weight={ce_weight}: both must be >= 0 and one of them > 0")
     if ce_weight != 0 and labels is None:
         raise ValueError(f"ce_weight={ce_weight} needs labels")
 
@@ -113,9 +115,9 @@ def _check(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | 
 def fused_linear_kl(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None = None, *,
     temperature: float = 1.0, kind: str = "forward", beta: float = 0.5, ce_weight: float = 0.0,
-    ignore_index: int = -100, backend: str = "auto", chunk_tokens: int = 1024,
+    kl_weight: float = 1.0, ignore_index: int = -100, backend: str = "auto", chunk_tokens: int = 1024,
 ) -> tuple[Tensor, Tensor]:
-    """loss = tau^2 mean D + ce_weight mean CE over the counted tokens, and sums [4] (no gradient) over
+    """loss = kl_weight tau^2 mean D + ce_weight mean CE over the counted tokens, and sums [4] (no gradient) over
     them of [tau^2 D, student NLL, teacher NLL, top-1 agreement] (NLLs at temperature 1, NaN without
     labels). Tokens labelled ignore_index do not count; they are masked by weights, found without a
     host read-back. A batch with no counted token has loss 0.
@@ -126,7 +128,7 @@ def fused_linear_kl(
     p = softmax(logits / tau). Gradients flow to h_s and w_s only. chunk_tokens: the torch backend's
     token chunk. The loss and sums are float32 (float64 for float64 inputs).
     """
-    _check(h_s, w_s, h_t, w_t, labels, temperature, kind, beta, ce_weight)
+    _check(h_s, w_s, h_t, w_t, labels, temperature, kind, beta, kl_weight, ce_weight)
     dt_s, dt_t = matmul_dtype(h_s, w_s), matmul_dtype(h_t, w_t)
     fn = _select(backend, h_s.device, (dt_s, dt_t), chunk_tokens, ignore_index)
     count, row_scale = h_s.shape[0], None
@@ -138,10 +140,10 @@ def fused_linear_kl(
     def run(need_dh: bool, need_dw: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
         with torch.autocast(h_s.device.type, enabled=False):
             return fn(h_s.to(dt_s), w_s.to(dt_s), h_t.to(dt_t), w_t.to(dt_t), labels, temperature=temperature,
-                      kind=kind, beta=beta, ce_weight=ce_weight, need_dh=need_dh, need_dw=need_dw,
-                      row_scale=row_scale)
+                      kind=kind, beta=beta, ce_weight=ce_weight, kl_weight=kl_weight, need_dh=need_dh,
+                      need_dw=need_dw, row_scale=row_scale)
 
     if torch.is_grad_enabled() and (h_s.requires_grad or w_s.requires_grad):
-        return _FusedLinearKL.apply(h_s, w_s, h_t, w_t, run, ce_weight, count)
+        return _FusedLinearKL.apply(h_s, w_s, h_t, w_t, run, (kl_weight, ce_weight), count)
     sums, _, _ = run(False, False)
-    return _mean_loss(sums, count, ce_weight), sums
+    return _mean_loss(sums, count, kl_weight, ce_weight), sums

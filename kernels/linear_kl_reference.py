@@ -16,10 +16,11 @@ from torch import Tensor
 def linear_kl_reference(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None = None, *,
     temperature: float = 1.0, kind: str = "forward", beta: float = 0.5, ce_weight: float = 0.0,
+    kl_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """(loss, [kl, student_nll, teacher_nll, top1]) as means over the N tokens; NLLs NaN without labels.
 
-    loss = tau^2 mean D + ce_weight mean CE, D the divergence of the tempered distributions
+    loss = kl_weight tau^2 mean D + ce_weight mean CE, D the divergence of the tempered distributions
     (forward KL(p_t||p_s), reverse KL(p_s||p_t), jsd beta KL(p_t||m) + (1-beta) KL(p_s||m),
     m = beta p_t + (1-beta) p_s); NLLs and CE at temperature 1.
     """
@@ -40,5 +41,5 @@ def linear_kl_reference(
     nll_s = nan if labels is None else F.cross_entropy(x_s, labels)
     nll_t = nan if labels is None else F.cross_entropy(x_t, labels)
     top1 = (x_t.argmax(-1) == x_s.argmax(-1)).to(x_s.dtype).mean()
-    loss = kl + ce_weight * nll_s if ce_weight else kl
+    loss = kl_weight * kl + ce_weight * nll_s if ce_weight else kl_weight * kl
     return loss, torch.stack([kl.detach(), nll_s.detach(), nll_t.detach(), top1])

@@ -78,9 +78,10 @@ def divergence(logp_t: Tensor, logp_s: Tensor, kind: str, beta: float, need_grad
 
 def chunk_terms(x_t: Tensor, x_s: Tensor, labels: Tensor | None, *, temperature: float, kind: str,
                 beta: float, ce_weight: float, need_grad: bool, weight: Tensor | None = None,
+                kl_weight: float = 1.0,
                 ignore_index: int = -100) -> tuple[Tensor, Tensor | None]:
     """Sums over one chunk's counted tokens of [tau^2 D, student NLL, teacher NLL, top-1 agreement] ([4];
-    the NLLs NaN without labels), and dz = d(sum of tau^2 D + ce_weight * CE)/d x_s [n, V] when need_grad
+    the NLLs NaN without labels), and dz = d(sum of kl_weight tau^2 D + ce_weight CE)/d x_s [n, V] when need_grad
     (rows of uncounted tokens included: the caller scales rows by weight).
 
     x_t, x_s: [n, V] logits before the temperature; labels: [n] or None (ignore_index: not counted);
@@ -101,7 +102,7 @@ def chunk_terms(x_t: Tensor, x_s: Tensor, labels: Tensor | None, *, temperature:
     sums = torch.stack([tau**2 * d.sum(), nll_s, nll_t, agree.sum()])
     if not need_grad:
         return sums, None
-    dz = dd.mul_(tau)  # tau^2 D(x / tau): the chain rule's 1/tau leaves one tau
+    dz = dd.mul_(kl_weight * tau)  # tau^2 D(x / tau): the chain rule's 1/tau leaves one tau
     if ce_weight != 0:
         onehot = F.one_hot(labels.clamp_min(0), x_s.shape[-1]).to(x_s.dtype)  # ignored rows are scaled to 0
         dz.add_(F.softmax(x_s, -1).sub_(onehot), alpha=ce_weight)
@@ -111,7 +112,7 @@ def chunk_terms(x_t: Tensor, x_s: Tensor, labels: Tensor | None, *, temperature:
 def linear_kl_torch(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None, *,
     temperature: float, kind: str, beta: float, ce_weight: float, need_dh: bool, need_dw: bool,
-    row_scale: Tensor | None = None, ignore_index: int = -100, chunk_tokens: int = 1024,
+    row_scale: Tensor | None = None, ignore_index: int = -100, chunk_tokens: int = 1024, kl_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(sums [4], dh_s [N, C_s] | None, dW_s [V, C_s] | None) of the mean loss over the counted tokens.
 
@@ -130,7 +131,7 @@ def linear_kl_torch(
         x_s = matmul_acc(h_s[rows], w_s.t())
         scale = None if row_scale is None else row_scale[rows]
         part, dz = chunk_terms(x_t, x_s, None if labels is None else labels[rows], temperature=temperature,
-                               kind=kind, beta=beta, ce_weight=ce_weight, need_grad=need_grad,
+                               kind=kind, beta=beta, ce_weight=ce_weight, kl_weight=kl_weight, need_grad=need_grad,
                                weight=None if scale is None else (scale > 0).to(x_s.dtype), ignore_index=ignore_index)
         sums += part
         if dz is not None:  # the loss is the mean over the counted tokens

@@ -243,12 +243,13 @@ def _jsd_kernel(HT, WT, HS, WS, ROW, PART, N, V, CT, CS, n_splits, plane, inv_ta
 
 
 @triton.jit
-def _dz_kernel(HT, WT, HS, WS, Y, ROW, DZ, N, V, CT, CS, n_splits, inv_tau, tau, beta, ce_weight, inv_count,
+def _dz_kernel(HT, WT, HS, WS, Y, ROW, DZ, N, V, CT, CS, n_splits, inv_tau, div_scale, beta, ce_weight, inv_count,
                KIND: tl.constexpr, TWO_TEMPS: tl.constexpr, HAS_CE: tl.constexpr,
                SPLIT_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_C: tl.constexpr, GROUP_N: tl.constexpr, EVEN_CT: tl.constexpr,
                EVEN_CS: tl.constexpr, DOT_T: tl.constexpr, DOT_S: tl.constexpr, WIDEN: tl.constexpr):
-    """DZ [N, V] = d(loss)/d(student logits) = inv_count (tau dD/dz_s + ce_weight (softmax(x_s) - onehot)).
+    """DZ [N, V] = d(loss)/d(student logits) = inv_count (div_scale dD/dz_s + ce_weight (softmax(x_s) - onehot)),
+    div_scale = kl_weight tau (tau^2 D(x / tau): the chain rule's 1/tau leaves one tau).
     ROW [4, N]: lse_t, lse_s (at 1/tau), lse_s at 1, and per kind: - | KL(p_s||p_t) | KL(p_s||m)."""
     split, offs_n, row_ok, lse_t, lse_s = _pass2_rows(ROW, N, n_splits, BLOCK_N, GROUP_N)
     lse1_s = tl.load(ROW + 2 * N + offs_n, mask=row_ok, other=0.0)
@@ -269,7 +270,7 @@ def _dz_kernel(HT, WT, HS, WS, Y, ROW, DZ, N, V, CT, CS, n_splits, inv_tau, tau,
         else:
             mix = beta * p_t + (1 - beta) * p_s
             g = tl.where(mix > 0, (1 - beta) * p_s * (logp_s - tl.log(mix) - aux[:, None]), 0.0)
-        g = g * tau
+        g = g * div_scale
         if HAS_CE:
             if TWO_TEMPS:
                 p1 = tl.exp(x_s - lse1_s[:, None])
@@ -367,8 +368,8 @@ def _jsd_terms(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, lse_t: Tensor
 
 
 def _gradients(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, y: Tensor | None, rows: Tensor, *,
-               kind: str, temperature: float, beta: float, ce_weight: float, need_dh: bool, need_dw: bool,
-               row_scale: Tensor | None, L: _Launch) -> tuple[Tensor | None, Tensor | None]:
+               kind: str, temperature: float, beta: float, ce_weight: float, kl_weight: float, need_dh: bool,
+               need_dw: bool, row_scale: Tensor | None, L: _Launch) -> tuple[Tensor | None, Tensor | None]:
     """dh_s [N, C_s] and dW_s [V, C_s] (fp32): dz per token chunk (pass 3), then cuBLAS products.
     rows [4, N]: lse_t, lse_s, lse1_s, and the divergence (reverse) or KL(p_s || m) (jsd).
     row_scale [N]: each token's share of the mean (None: 1 / N). Scaling dz's rows commutes with both
@@ -384,7 +385,7 @@ def _gradients(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, y: Tensor | N
         _dz_kernel[L.grid(end - start)](
             h_t[start:end], w_t, h_s[start:end], w_s, y[start:end] if has_ce else None,
             rows[:, start:end].contiguous(), dz, end - start, L.V, L.CT, L.CS, L.n_splits, 1.0 / temperature,
-            temperature, beta, ce_weight, 1.0 / L.N if row_scale is None else 1.0, KIND=KIND_CODES[kind],
+            kl_weight * temperature, beta, ce_weight, 1.0 / L.N if row_scale is None else 1.0, KIND=KIND_CODES[kind],
             TWO_TEMPS=temperature != 1.0, HAS_CE=has_ce, **L.meta(), **L.models())
         scale = None if row_scale is None else row_scale[start:end, None]
         if need_dh:
@@ -397,7 +398,7 @@ def _gradients(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, y: Tensor | N
 def linear_kl_triton(
     h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, labels: Tensor | None, *,
     temperature: float, kind: str, beta: float, ce_weight: float, need_dh: bool, need_dw: bool,
-    row_scale: Tensor | None = None, blocks: Blocks | None = None,
+    row_scale: Tensor | None = None, blocks: Blocks | None = None, kl_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(sums [4], dh_s [N, C_s] | None, dW_s [V, C_s] fp32 | None), as kernels.linear_kl_torch.linear_kl_torch.
 
@@ -433,5 +434,6 @@ def linear_kl_triton(
         return sums, None, None
     rows = torch.stack([st["lse_t"], st["lse_s"], st["lse1_s"], aux])  # [4, N]
     dh, dw = _gradients(h_s, w_s, h_t, w_t, y, rows, kind=kind, temperature=temperature, beta=beta,
-                        ce_weight=ce_weight, need_dh=need_dh, need_dw=need_dw, row_scale=row_scale, L=L)
+                        ce_weight=ce_weight, kl_weight=kl_weight, need_dh=need_dh, need_dw=need_dw,
+                        row_scale=row_scale, L=L)
     return sums, dh, dw

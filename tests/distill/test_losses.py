@@ -154,7 +154,8 @@ def test_stage_steps_from_token_budget():
     (dict(temperature=0), "temperature=0"),
     (dict(kind="kl"), "kind='kl' is not one of"),
     (dict(kind="jsd", beta=0.0), "beta=0.0 must lie in"),
-    (dict(kl_weight=0.0, ce_weight=1.0), "kl_weight=0.0 must be > 0"),
+    (dict(kl_weight=0.0, ce_weight=0.0), "kl_weight and ce_weight are both 0"),
+    (dict(hidden_weight=-0.1), "must all be >= 0"),
 ])
 def test_stage_rejects_bad_values(bad, match):
     with pytest.raises(ValueError, match=match):

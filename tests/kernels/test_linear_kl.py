@@ -111,6 +111,18 @@ def test_triton_bf16_matches_reference():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kl_weight, ce_weight", [(0.4, 0.3), (0.0, 1.0)])
+def test_kl_weight_scales_the_divergence_term(backend, kl_weight, ce_weight):
+    """loss = kl_weight tau^2 D + ce_weight CE, gradients included; kl_weight = 0 leaves CE training
+    alone (the from-scratch baseline's stage)."""
+    x = make_inputs(N=19)
+    kw = dict(temperature=1.5, kind="reverse", ce_weight=ce_weight, kl_weight=kl_weight)
+    dtype = torch.float32 if backend == "triton" else None
+    got = run(fused_linear_kl, x, dtype, backend=backend, **kw)
+    assert_matches(got, run(linear_kl_reference, x, **kw), 1e-5 if backend == "triton" else 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_zero_ce_weight_sends_no_ce_gradient(backend):
     """With ce_weight = 0 the gradient is the one of a call that has no labels at all, up to rounding
     (labels weigh each counted token by 1 / count, no labels divide by N)."""
@@ -163,6 +175,8 @@ def test_autocast_runs_the_heads_in_bf16_and_returns_input_dtype_grads():
     (dict(temperature=0.0), "temperature=0.0"),
     (dict(backend="cuda"), "backend='cuda' is not one of"),
     (dict(ce_weight=0.5, labels=None), "needs labels"),
+    (dict(kl_weight=0.0), "kl_weight=0.0, ce_weight=0.0: both must be >= 0 and one of them > 0"),
+    (dict(kl_weight=-1.0, ce_weight=1.0), "kl_weight=-1.0"),
     (dict(w_s=torch.zeros(150, 23, dtype=torch.float64)), "heads must be"),
     (dict(labels=torch.zeros(3, dtype=torch.long)), r"labels must be \[N\]"),
 ])
