@@ -78,6 +78,9 @@ class StudentConfig:
     ffn: str = "teacher"  # key of FFN: "teacher" = its MLP, copied; "rwkv" = RWKV-7 channel mix, new
     norm: str = "rms"  # key of NORMS: "rms" = the teacher's RMSNorms; "layer" = LayerNorms + ln0 (plain RWKV-7)
     init: str = "teacher"  # "scratch": what would be copied from the teacher is random instead (a baseline)
+    # Each RWKV layer learns the WKV state a fresh sequence starts from ([H, N, N], zeros at init), for
+    # state tuning; False (older checkpoints and exports) starts from zeros.
+    learned_initial_state: bool = False
 
     @property
     def v_first_layer(self) -> int:
@@ -326,6 +329,14 @@ class StudentLM(nn.Module):
             for norm in (self.ln0, self.norm, *(n for b in self.layers
                                                 for n in (b.input_layernorm, b.post_attention_layernorm))):
                 yield from norm.parameters()
+
+    def initial_state_parameters(self) -> Iterator[nn.Parameter]:
+        """Each RWKV layer's learned initial WKV state [H, N, N] (none without cfg.learned_initial_state;
+        kept attention layers have no WKV state): what state tuning trains. Costs nothing per token."""
+        for block in self.layers:
+            initial = getattr(block.time_mix, "initial_state", None)
+            if initial is not None:
+                yield initial
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
