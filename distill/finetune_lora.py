@@ -55,7 +55,8 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=default_data_collator)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    model.save_pretrained(out / "adapter")
+    # the adapters only: peft would also save a targeted lm_head's own weight, which stays frozen here
+    model.save_pretrained(out / "adapter", save_embedding_layers=False)
     merged = model.merge_and_unload()
     merged.config.distill = {**merged.config.distill, "lora_finetune": {
         **spec.record(), "text": str(Path(args.text).resolve()), "steps": args.steps, "lr": args.lr}}
