@@ -89,7 +89,7 @@ class Stage:
 def check_fits(stage: Stage, student: StudentLM) -> None:
     """ValueError when the stage asks for what the student lacks: an initial state to tune, or
     LoRA targets it has not (checked when the job starts, not when the stage does)."""
-    if stage.trainable == "state" and not any(True for _ in student.initial_state_parameters()):
+    if stage.trainable == "state" and next(student.initial_state_parameters(), None) is None:
         why = ("has no RWKV layer" if student.config.learned_initial_state
                else "was built without them; add the override student.learned_initial_state=true")
         raise ValueError(f"stage {stage.name!r}: trainable=state learns each RWKV layer's initial WKV state, "

@@ -9,8 +9,9 @@ cls(shape, cfg, layer_id) and called as
     (x [B,T,C], rope (cos, sin) [1,T,D] at the tokens' absolute positions, v_first [B,T,A] | None,
      state: dict[str, Tensor] | None) -> (out [B,T,C], v_first, new_state: dict[str, Tensor])
 (A = the teacher's attention width, H_t * D; = C for most teachers)
-where state None starts a fresh sequence and new_state fully describes the layer after the last of
-the T tokens (e.g. {"wkv": [B,H,N,N]}, + {"shift": [B,C]} with token shift; the KV cache {"k", "v"}
+where state None starts a fresh sequence (an RWKV layer from its learned `initial_state` [H, N, N]
+with StudentConfig.learned_initial_state, else from zeros) and new_state fully describes the layer
+after the last of the T tokens (e.g. {"wkv": [B,H,N,N]}, + {"shift": [B,C]} with token shift; the KV cache {"k", "v"}
 for kept attention). It names the teacher's attention weights it reuses exactly as the teacher's
 attention module does (q_proj, k_proj, ...), so build_student copies them by state_dict key.
 An FFN plugs in through FFN: built as FFN[name](shape, cfg, layer_id), called as
