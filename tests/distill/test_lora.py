@@ -108,6 +108,43 @@ def test_merged_student_equals_the_unmerged_one(targets):
         assert ((restored.logits(ids) - unmerged).norm() / unmerged.norm()).item() <= 1e-6
 
 
+def test_adapters_under_compile_and_activation_checkpointing_match_eager():
+    """The GPU presets' runtime (parallel.prepare_student: activation checkpointing, then torch.compile
+    per block; aot_eager here) with adapters injected afterwards, as set_stage does, and learned initial
+    states: the same outputs and gradients as eager, and the merge leaves the same plain keys."""
+    from distill import parallel
+
+    torch._dynamo.reset()
+    teacher = make_teacher(dtype=torch.float32)
+    cfg = StudentConfig(learned_initial_state=True, **LORAS)
+    eager = build_student(teacher, cfg)
+    wrapped = build_student(teacher, cfg)
+    wrapped.load_state_dict(eager.state_dict())  # the same new weights (their init is random)
+    parallel.prepare_student(wrapped, {"compile": True, "compile_backend": "aot_eager",
+                                       "activation_checkpointing": True, "tf32": False})
+    ids = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(1))
+    outputs, adapters = [], []
+    for model in (eager, wrapped):
+        torch.manual_seed(0)
+        adapters.append(Adapters(model, LoraSpec(r=4, target_modules=[*ATTENTION, "gate_proj"])))
+        with torch.no_grad():
+            for p in [*adapters[-1].parameters(), *model.initial_state_parameters()]:
+                p.normal_(0, 0.3)
+        out = model.logits(ids)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(adapters[0].parameters(), adapters[1].parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+    for a, b in zip(eager.initial_state_parameters(), wrapped.initial_state_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+    for a in adapters:
+        a.merge()
+    assert set(wrapped.state_dict()) == set(eager.state_dict()) == set(build_student(teacher, cfg).state_dict())
+    with torch.no_grad():  # W + alpha/r B A rounds differently from the two products apart
+        assert ((wrapped.logits(ids) - outputs[0]).norm() / outputs[0].norm()).item() <= 1e-6
+
+
 @pytest.mark.parametrize("lora, trainable, message", [
     ({"r": 0}, "none", "lora.r=0 must be a positive integer"),
     ({"r": 2.5}, "none", "lora.r=2.5 must be a positive integer"),
