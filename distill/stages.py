@@ -94,11 +94,16 @@ def check_fits(stage: Stage, student: StudentLM) -> None:
                else "was built without them; add the override student.learned_initial_state=true")
         raise ValueError(f"stage {stage.name!r}: trainable=state learns each RWKV layer's initial WKV state, "
                          f"but this student {why}")
-    if stage.lora is not None:
-        try:
-            check_targets(student, stage.lora)
-        except ValueError as err:
-            raise ValueError(f"stage {stage.name!r}: {err}") from None
+    if stage.lora is None:
+        return
+    try:
+        check_targets(student, stage.lora)
+    except ValueError as err:
+        raise ValueError(f"stage {stage.name!r}: {err}") from None
+    if "lm_head" in {t.rsplit(".", 1)[-1] for t in stage.lora.target_modules}:
+        raise ValueError(f"stage {stage.name!r}: lora.target_modules names lm_head, but the kl loss reads the "
+                         "head's weight directly (the fused linear KL never calls the layer), so its adapter would "
+                         "learn nothing; leave lm_head out")
 
 
 def stages_from_config(entries: list[dict[str, Any]]) -> list[Stage]:

@@ -63,8 +63,9 @@ def make_data(cfg: DictConfig, tokenizer, teacher: FrozenTeacher, seq_len: int, 
 def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, data, logger,
               precision: str, resume: Path | None):
     """One Trainer.fit for one stage; returns (the stage record for the summary, the trainer)."""
-    # the align loss runs no FFN: new FFNs that a stage trains get no gradient there
-    unused = stage.loss == "align" and stage.trainable == "new" and cfg.student.ffn != "teacher"
+    # the align loss runs no FFN: new FFNs, or adapters outside the time mixes, get no gradient there
+    unused = stage.loss == "align" and (stage.lora is not None or
+                                        (stage.trainable == "new" and cfg.student.ffn != "teacher"))
     trainer = instantiate(cfg.trainer, precision=precision, logger=logger,
                           strategy=parallel.lightning_strategy(cfg.strategy, unused_trainable=unused),
                           callbacks=list(instantiate(cfg.callbacks).values()),

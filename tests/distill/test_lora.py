@@ -164,6 +164,13 @@ def test_a_bad_lora_entry_is_one_clear_error_naming_the_stage(lora, trainable, m
     assert message in str(err.value)
 
 
+def test_lora_on_the_head_is_refused_in_a_distillation_stage():
+    """The fused KL takes lm_head's weight, not its output: an adapter there would stay at zero."""
+    student = build_student(make_teacher(dtype=torch.float32), StudentConfig(**LORAS))
+    with pytest.raises(ValueError, match="stage 'kl': lora.target_modules names lm_head.*leave lm_head out"):
+        check_fits(lora_stage(target_modules=["q_proj", "lm_head"]), student)
+
+
 @pytest.mark.parametrize("target, why", [("w_lora", "is not an nn.Linear layer"), ("qkv", "matches no module")])
 def test_a_target_the_student_has_not_is_named_with_the_valid_ones(target, why):
     student = build_student(make_teacher(dtype=torch.float32), StudentConfig(**LORAS))
