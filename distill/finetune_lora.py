@@ -22,6 +22,7 @@ import torch
 
 from distill.cli import run_cli
 from distill.lora import ATTENTION_PROJECTIONS, LoraSpec, check_targets
+from distill.restore import is_export
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -42,6 +43,9 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
     spec = LoraSpec(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules)
+    if not is_export(args.model):
+        raise ValueError(f"{args.model!r} is not a distill-export format=hf folder (its config.json of "
+                         "model_type rwkv_distill): export the student first (README: Export)")
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     data = windows(tokenizer, Path(args.text).read_text(), args.seq_len)

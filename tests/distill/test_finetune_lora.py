@@ -84,3 +84,10 @@ def test_a_target_the_model_has_not_is_one_clear_error(finetuned, tmp_path, caps
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "error: lora.target_modules: 'w_lora' is not an nn.Linear layer" in err and "'q_proj'" in err
+
+
+def test_a_folder_that_is_no_export_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path), "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert f"error: {str(tmp_path)!r} is not a distill-export format=hf folder" in capsys.readouterr().err
