@@ -40,25 +40,21 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Train the adapters, write OUT/adapter, OUT/merged and OUT/losses.json (the loss of every step);
     returns {"losses", "adapter", "merged"}."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = LoraSpec(r=args.r, alpha=args.alpha, dropout=args.dropout, target_modules=args.target_modules)
+    out = Path(args.out)
     if not is_export(args.model):
         raise ValueError(f"{args.model!r} is not a distill-export format=hf folder (its config.json of "
                          "model_type rwkv_distill): export the student first (README: Export)")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {str(out)!r} exists and is not empty: give a new folder")
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True, dtype=DTYPES[args.dtype])
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     data = windows(tokenizer, Path(args.text).read_text(), args.seq_len)
     check_targets(model, spec)
     model = get_peft_model(model, spec.peft_config(task_type="CAUSAL_LM"))
-    out = Path(args.out)
-    training = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-    trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=default_data_collator)
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = train_adapters(model, data, args, out / "trainer")
     # the adapters only: peft would also save a targeted lm_head's own weight, which stays frozen here
     model.save_pretrained(out / "adapter", save_embedding_layers=False)
     merged = model.merge_and_unload()
@@ -68,11 +64,25 @@ def finetune(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer.save_pretrained(out / "merged")
     for code in Path(args.model).glob("*.py"):  # the folder's own model code (transformers copies only some)
         shutil.copy(code, out / "merged" / code.name)
-    shutil.rmtree(out / "trainer", ignore_errors=True)
     (out / "losses.json").write_text(json.dumps(losses))
     print(f"LoRA r={spec.r} on {list(spec.target_modules)}: loss {losses[0]:.4f} -> {losses[-1]:.4f} "
           f"over {args.steps} steps; adapters in {out / 'adapter'}, merged model in {out / 'merged'}")
     return {"losses": losses, "adapter": str(out / "adapter"), "merged": str(out / "merged")}
+
+
+def train_adapters(model, data: list[dict[str, torch.Tensor]], args: argparse.Namespace, scratch: Path) -> list[float]:
+    """args.steps Trainer steps over the shuffled windows (no checkpoints; scratch is removed);
+    returns the loss of every step."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    training = TrainingArguments(
+        output_dir=str(scratch), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+    trainer = Trainer(model=model, args=training, train_dataset=data, data_collator=default_data_collator)
+    trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
