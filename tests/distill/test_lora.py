@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from distill.checkpoints import read_checkpoint
+from distill.export import export
 from distill.lora import Adapters, LoraSpec, load_student
 from distill.module import DistillModule
 from distill.restore import from_checkpoint
 from distill.stages import Stage, check_fits, stages_from_config
+from distill.train import train
 from models.student import StudentConfig, build_student
 from models.teacher import FrozenTeacher
-from distill.train import train
 from tests.distill.helpers import compose_train, job_overrides, run_job
+from tests.distill.test_export import export_cfg
 from tests.models.test_student import make_teacher
 
 LORAS = dict(w_lora=8, a_lora=8, v_lora=8, g_lora=8)
@@ -247,8 +249,6 @@ def test_resume_in_the_lora_stage_matches_the_uninterrupted_run(lora_runs):
 def test_a_mid_lora_stage_checkpoint_loads_merged_for_export_and_eval(lora_runs, tmp_path, monkeypatch):
     """distill-export / distill-eval read through restore.from_checkpoint: the adapters come back
     merged into plain weights, computing what the student with its adapters computed."""
-    from tests.distill.test_export import export_cfg
-    from distill.export import export
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
