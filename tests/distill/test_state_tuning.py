@@ -67,6 +67,26 @@ def test_a_zero_initial_state_computes_what_the_student_without_one_does():
         assert torch.equal(learned.logits(ids), plain.logits(ids))
 
 
+@pytest.mark.parametrize("time_mix", ["rad_rwkv7", "rwkv7", "rad_rwkv6"])
+def test_a_learned_state_is_where_every_path_starts(time_mix):
+    """Token by token from a fresh one-token forward (the step kernels) equals one parallel forward
+    (the chunked kernels), both from the learned state, which changes the outputs."""
+    teacher = make_teacher(dtype=torch.float32)
+    student = build_student(teacher, StudentConfig(time_mix=time_mix, learned_initial_state=True, **LORAS)).eval()
+    ids = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        zeros = student.logits(ids)
+        for p in student.initial_state_parameters():
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        full = student.logits(ids)
+        out, steps = None, []
+        for t in range(ids.shape[1]):
+            out = student(ids[:, t:t + 1], None if out is None else out.state)
+            steps.append(student.lm_head(out.last_hidden))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert ((full - zeros).norm() / zeros.norm()).item() >= 1e-2
+
+
 def test_trainable_state_on_a_student_without_it_names_the_override():
     student = build_student(make_teacher(dtype=torch.float32), StudentConfig(**LORAS))
     with pytest.raises(ValueError) as err:
