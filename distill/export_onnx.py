@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,11 @@ def write_onnx(student: StudentLM, out: Path) -> list[str]:
     check_fixed_state(student)
     student = torch_path(student)
     shapes = state_shapes(student)
-    export_step(student, shapes, out / FP32)
-    quantize_int8(out / FP32, out / INT8)
+    logging.disable(logging.INFO)  # the exporter's and quantizer's per-node INFO lines (Hydra logs INFO)
+    try:
+        export_step(student, shapes, out / FP32)
+        quantize_int8(out / FP32, out / INT8)
+    finally:
+        logging.disable(logging.NOTSET)
     (out / "onnx.json").write_text(json.dumps(spec(student, shapes), indent=2))
     return [FP32, INT8, "onnx.json"]
