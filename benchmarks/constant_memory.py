@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -136,6 +137,7 @@ def quickstart_checkpoint(work: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    measured_at = commit()  # before the run: the code that measures, not what the tree holds when it ends
     work = Path(tempfile.mkdtemp(prefix="constant_memory."))
     ckpt = Path(args.ckpt) if args.ckpt else quickstart_checkpoint(work)
     hf, onnx = work / "hf", work / "onnx"
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result |= {"ckpt": str(ckpt), "tokens": args.tokens, "every": args.every, "prompt": args.prompt,
                "device": args.device or f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "commit": commit(), "command": " ".join(["python", "benchmarks/constant_memory.py", *sys.argv[1:]])}
+               "commit": measured_at, "command": shlex.join(["python", "benchmarks/constant_memory.py", *sys.argv[1:]])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "constant_memory.json").write_text(json.dumps(result, indent=1))

@@ -9,7 +9,8 @@ for ONNX Runtime, plus an int8 variant (onnxruntime.quantization.quantize_dynami
 B is a dynamic axis. A fresh sequence starts at position 0 from zero state (what every time mix
 starts from when given none); a prompt goes in one token per call. Files: model.onnx (fp32),
 model.int8.onnx (MatMul/Gemm weights int8, the state fp32), onnx.json (these names with their
-shapes and dtypes), the tokenizer files. Shapes: B batch, V vocabulary.
+shapes and dtypes), the tokenizer files; students over 1 GiB of weights keep them beside the graphs
+(model.onnx.data; that path is not exercised by the CPU tests). Shapes: B batch, V vocabulary.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from models.student import StudentLM, StudentState
 FP32, INT8 = "model.onnx", "model.int8.onnx"
 FIELDS = ("time_mix", "ffn")  # the StudentState lists that hold per-layer state dicts
 OPSET = 18
+EXTERNAL_DATA_BYTES = 2**30  # weights beyond this go to model.onnx.data: one protobuf holds at most 2 GiB
 
 
 def check_fixed_state(student: StudentLM) -> None:
@@ -98,6 +100,10 @@ def spec(student: StudentLM, shapes: dict[str, list[int]]) -> dict[str, Any]:
     }
 
 
+def external_data(student: StudentLM) -> bool:
+    return sum(p.numel() * p.element_size() for p in student.parameters()) > EXTERNAL_DATA_BYTES
+
+
 def export_step(student: StudentLM, shapes: dict[str, list[int]], path: Path) -> None:
     """torch.onnx (dynamo) export of RecurrentStep with a dynamic batch axis. Traced at B = 2:
     torch.export specializes a dimension of size 1."""
@@ -115,15 +121,16 @@ def export_step(student: StudentLM, shapes: dict[str, list[int]], path: Path) ->
                                     dynamic_shapes=(dynamic[0], tuple(dynamic[1:])),  # forward(input_ids, *inputs)
                                     input_names=input_names,
                                     output_names=["logits"] + [f"new_state.{n}" for n in names],
-                                    opset_version=OPSET, external_data=False, verbose=False)
+                                    opset_version=OPSET, external_data=external_data(student), verbose=False)
     program.save(str(path))
 
 
-def quantize_int8(fp32: Path, out: Path) -> None:
+def quantize_int8(fp32: Path, out: Path, external: bool) -> None:
     """Weight-only int8 (dynamic activation quantization) of the MatMul/Gemm weights, ONNX Runtime's quantizer."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                     use_external_data_format=external)
 
 
 def write_onnx(student: StudentLM, out: Path) -> list[str]:
@@ -134,8 +141,8 @@ def write_onnx(student: StudentLM, out: Path) -> list[str]:
     logging.disable(logging.INFO)  # the exporter's and quantizer's per-node INFO lines (Hydra logs INFO)
     try:
         export_step(student, shapes, out / FP32)
-        quantize_int8(out / FP32, out / INT8)
+        quantize_int8(out / FP32, out / INT8, external_data(student))
     finally:
         logging.disable(logging.NOTSET)
     (out / "onnx.json").write_text(json.dumps(spec(student, shapes), indent=2))
-    return [FP32, INT8, "onnx.json"]
+    return sorted(p.name for p in out.iterdir())
