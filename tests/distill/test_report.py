@@ -9,8 +9,8 @@ import pytest
 
 from distill.evaluate import evaluate
 from distill.export import export
-from tests.distill.helpers import SHAKESPEARE, compose_train
-from tests.distill.test_export import STUDENTS, export_cfg, write_checkpoint
+from tests.distill.helpers import SHAKESPEARE, compose_train, export_cfg, write_checkpoint
+from tests.distill.test_export import STUDENTS
 
 SUMMARY_KEYS = {"teacher_nll", "student_nll", "teacher_ppl", "student_ppl", "kl", "top1_agreement", "eval_tokens"}
 REPORT_KEYS = {"alignment_errors", "nll_gap_by_position", "long_context", "samples", "continuation", "ckpt", "text"}
