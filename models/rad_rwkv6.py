@@ -63,6 +63,8 @@ class RadRWKV6(TeacherProjections):
     """o = W_o(norm(WKV6(r, log w, k * (1 - e^{log w}), v, u)) * sigmoid(W_g x_g)), r/k/v the
     teacher's q/k/v (GQA repeated, no RoPE) of the token-shifted inputs x_r, x_k, x_v."""
 
+    uses_rope = False
+
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__(shape)
         C = shape.hidden_size

@@ -34,6 +34,8 @@ def decay_init(layer_id: int, n_layers: int, dim: int) -> Tensor:
 class RadRWKV7(TeacherProjections):
     """o = W_o(GroupNorm_H(WKV7(r, log w, k~, v, -kk, kk*a)) * g), r/k with the teacher's RoPE."""
 
+    uses_rope = True
+
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__(shape)
         C, A = shape.hidden_size, shape.num_heads * shape.head_dim

@@ -61,6 +61,8 @@ class RWKV7TimeMix(RadRWKV7):
     and the lerps x_* (reference init, 1 - (n/C)^(e (1 - l/L))) and the bonus r_k are added.
     """
 
+    uses_rope = False
+
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__(shape, cfg, layer_id)
         C, A = shape.hidden_size, shape.num_heads * shape.head_dim

@@ -14,6 +14,8 @@ with StudentConfig.learned_initial_state, else from zeros) and new_state fully d
 after the last of the T tokens (e.g. {"wkv": [B,H,N,N]}, + {"shift": [B,C]} with token shift; the KV cache {"k", "v"}
 for kept attention). It names the teacher's attention weights it reuses exactly as the teacher's
 attention module does (q_proj, k_proj, ...), so build_student copies them by state_dict key.
+Its class attribute `uses_rope` says whether it reads rope, i.e. whether its output depends on the
+absolute position (a one-token ONNX step then takes the position as an input).
 An FFN plugs in through FFN: built as FFN[name](shape, cfg, layer_id), called as
 (x [B,T,C], state) -> (out [B,T,C], new_state) ({} when stateless, like the teacher's MLP).
 v_first: the v of the first layer that is not kept attention (StudentConfig.v_first_layer);
@@ -183,7 +185,8 @@ def resolve(cfg: StudentConfig, shape: TeacherShape) -> StudentConfig:
 class StudentState:
     """A batch of sequences after the tokens seen so far: forward(next_ids, state) continues them."""
 
-    position: int  # absolute position of the next token = tokens seen so far
+    position: int | Tensor  # absolute position of the next token = tokens seen so far (a 0-d int64
+    # tensor when the step is traced for ONNX, where it is a graph input)
     time_mix: list[dict[str, Tensor]]  # per layer, e.g. {"wkv": [B, H, N, N]} or {"k", "v"} KV cache
     ffn: list[dict[str, Tensor]]  # per layer, {} for the teacher's MLP
 
@@ -234,9 +237,10 @@ class StudentLM(nn.Module):
         self.lm_head = nn.Linear(C, shape.vocab_size, bias=False)
         self.rotary_emb = rotary_emb
 
-    def rope(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
-        """(cos, sin), each [1, T, D] in x's dtype, for positions start..start+T-1 of x [B, T, C]."""
-        positions = torch.arange(start, start + x.shape[1], device=x.device)[None]  # [1, T]
+    def rope(self, x: Tensor, start: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each [1, T, D] in x's dtype, for positions start..start+T-1 of x [B, T, C]
+        (start an int or a 0-d tensor)."""
+        positions = (start + torch.arange(x.shape[1], device=x.device))[None]  # [1, T]
         return self.rotary_emb(x, positions)
 
     def forward(self, input_ids: Tensor, state: StudentState | None = None) -> StudentOutput:
