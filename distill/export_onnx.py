@@ -6,10 +6,11 @@ for ONNX Runtime, plus an int8 variant (onnxruntime.quantization.quantize_dynami
              state.time_mix.0.wkv [B, H, N, N], state.time_mix.0.shift [B, C], state.ffn.0.shift [B, C]
     outputs: logits [B, V] float32; new_state.<field>.<layer>.<key>, the state after the token
 
-B is a dynamic axis. A fresh sequence starts at position 0 from zero state (what every time mix
-starts from when given none); a prompt goes in one token per call. Files: model.onnx (fp32),
-model.int8.onnx (MatMul/Gemm weights int8, the state fp32), onnx.json (these names with their
-shapes and dtypes), the tokenizer files; students over 1 GiB of weights keep them beside the graphs
+B is a dynamic axis. A fresh sequence starts at position 0 from the state in initial_state.safetensors
+(zeros, except each layer's learned initial WKV state of a state-tuned student), broadcast over the
+batch; a prompt goes in one token per call. Files: model.onnx (fp32), model.int8.onnx (MatMul/Gemm
+weights int8, the state fp32), onnx.json (these names with their shapes and dtypes),
+initial_state.safetensors ([1, ...] per state input name), the tokenizer files; students over 1 GiB of weights keep them beside the graphs
 (model.onnx.data; that path is not exercised by the CPU tests). Shapes: B batch, V vocabulary.
 """
 
@@ -22,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models.student import StudentLM, StudentState
 
-FP32, INT8 = "model.onnx", "model.int8.onnx"
+FP32, INT8, INITIAL_STATE = "model.onnx", "model.int8.onnx", "initial_state.safetensors"
 FIELDS = ("time_mix", "ffn")  # the StudentState lists that hold per-layer state dicts
 OPSET = 18
 EXTERNAL_DATA_BYTES = 2**30  # weights beyond this go to model.onnx.data: one protobuf holds at most 2 GiB
@@ -51,6 +53,17 @@ def state_shapes(student: StudentLM) -> dict[str, list[int]]:
     state = student(torch.zeros(1, 1, dtype=torch.long)).state
     return {f"{field}.{i}.{key}": list(t.shape[1:]) for field in FIELDS
             for i, layer in enumerate(getattr(state, field)) for key, t in layer.items()}
+
+
+def initial_state(student: StudentLM, shapes: dict[str, list[int]]) -> dict[str, Tensor]:
+    """{"state.<name>": [1, ...]} a fresh sequence starts from: zeros, and the learned initial WKV
+    state [H, N, N] where a time mix has one (state tuning; its state key is "wkv")."""
+    fresh = {f"state.{n}": torch.zeros(1, *s) for n, s in shapes.items()}
+    for i, block in enumerate(student.layers):
+        learned = getattr(block.time_mix, "initial_state", None)
+        if learned is not None:
+            fresh[f"state.time_mix.{i}.wkv"] = learned.detach().float()[None].clone()
+    return fresh
 
 
 class RecurrentStep(nn.Module):
@@ -91,7 +104,8 @@ def spec(student: StudentLM, shapes: dict[str, list[int]]) -> dict[str, Any]:
     if uses_position(student):
         inputs.append({"name": "position", "shape": [], "dtype": "int64"})
     return {
-        "format": "distill onnx recurrent step", "opset": OPSET, "files": {"fp32": FP32, "int8": INT8},
+        "format": "distill onnx recurrent step", "opset": OPSET,
+        "files": {"fp32": FP32, "int8": INT8, "initial_state": INITIAL_STATE},
         "inputs": inputs + [{"name": s["input"], "shape": s["shape"], "dtype": "float32"} for s in state],
         "outputs": [{"name": "logits", "shape": ["batch", student.shape.vocab_size], "dtype": "float32"}]
         + [{"name": s["output"], "shape": s["shape"], "dtype": "float32"} for s in state],
@@ -134,7 +148,7 @@ def quantize_int8(fp32: Path, out: Path, external: bool) -> None:
 
 
 def write_onnx(student: StudentLM, out: Path) -> list[str]:
-    """model.onnx, model.int8.onnx and onnx.json into out; returns their names."""
+    """model.onnx, model.int8.onnx, initial_state.safetensors and onnx.json into out; returns their names."""
     check_fixed_state(student)
     student = torch_path(student)
     shapes = state_shapes(student)
@@ -144,5 +158,6 @@ def write_onnx(student: StudentLM, out: Path) -> list[str]:
         quantize_int8(out / FP32, out / INT8, external_data(student))
     finally:
         logging.disable(logging.NOTSET)
+    save_file(initial_state(student, shapes), out / INITIAL_STATE)
     (out / "onnx.json").write_text(json.dumps(spec(student, shapes), indent=2))
     return sorted(p.name for p in out.iterdir())

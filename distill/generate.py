@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file
 from torch import Tensor
 
 from distill.cli import run_cli
@@ -104,7 +105,8 @@ class HFStep:
 
 class OnnxStep:
     """A format=onnx graph through onnxruntime, one token per run with the state in and out:
-    ids [B, T] -> logits [B, V] after the last of them. Zero state at position 0 starts a sequence."""
+    ids [B, T] -> logits [B, V] after the last of them. A sequence starts at position 0 from the
+    export's initial state (zeros, or a state-tuned student's learned WKV states), broadcast over B."""
 
     def __init__(self, graph: Path, batch: int = 1) -> None:
         import onnxruntime as ort
@@ -114,7 +116,8 @@ class OnnxStep:
         self.session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
         self.tokenizer = AutoTokenizer.from_pretrained(graph.parent)
         self.with_position = any(i["name"] == "position" for i in self.spec["inputs"])
-        self.state = {s["input"]: np.zeros([batch, *s["shape"][1:]], np.float32) for s in self.spec["state"]}
+        fresh = load_file(graph.parent / self.spec["files"]["initial_state"])
+        self.state = {s["input"]: np.repeat(fresh[s["input"]], batch, axis=0) for s in self.spec["state"]}
         self.position = 0
         self.outputs = [o.name for o in self.session.get_outputs()]
 

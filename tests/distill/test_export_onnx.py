@@ -141,3 +141,20 @@ def test_a_student_with_kept_attention_is_one_clear_error(tiny_teacher, tmp_path
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="format=onnx writes fp32.*dtype='bf16'"):
         export(export_cfg(tmp_path, f"ckpt={ckpt}", f"out={tmp_path / 'out'}", "format=onnx", "dtype=bf16"))
+
+
+def test_a_state_tuned_student_starts_from_its_learned_state(tiny_teacher, tmp_path):
+    """The export's initial_state.safetensors holds the learned initial WKV states, and the ONNX step
+    started from it computes what the PyTorch student computes from a fresh sequence."""
+    cfg = StudentConfig(learned_initial_state=True, **LORAS)
+    ckpt, student = write_checkpoint(tiny_teacher, cfg, tmp_path / "a.ckpt")
+    assert all(b.time_mix.initial_state.abs().sum() > 0 for b in student.layers)  # moved off its zero init
+    export(export_cfg(tmp_path, f"ckpt={ckpt}", f"out={tmp_path / 'folder'}", "format=onnx"))
+    first = torch.tensor([[5, 17, 42]])
+    want_tokens, want = torch_greedy(student, first, 16)
+    got_tokens, got = onnx_greedy(OnnxStep(tmp_path / "folder" / "model.onnx"), first, 16)
+    assert got_tokens == want_tokens
+    assert max(rel(g, w) for g, w in zip(got, want)) <= 1e-4
+    zero = OnnxStep(tmp_path / "folder" / "model.onnx")
+    zero.state = {k: np.zeros_like(v) for k, v in zero.state.items()}
+    assert rel(zero(first), want[0]) > 1e-3  # the learned state matters
