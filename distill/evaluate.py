@@ -20,7 +20,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
 from distill.data.module import DistillDataModule

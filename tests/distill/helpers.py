@@ -124,3 +124,18 @@ def write_checkpoint(teacher_path: Path, cfg: StudentConfig, out: Path, seed: in
 
 def export_cfg(tmp_path: Path, *overrides: str):
     return compose_train(list(overrides), tmp_path / "run", tmp_path / "cache", name="export")
+
+
+def staged_module(student_cfg: StudentConfig, stage, total_steps: int):
+    """(DistillModule, student) on the random tiny teacher of tests/models/test_student.py, set to `stage`."""
+    from distill.module import DistillModule
+    from distill.stages import check_fits
+    from models.teacher import FrozenTeacher
+    from tests.models.test_student import make_teacher
+
+    teacher = make_teacher(dtype=torch.float32)
+    student = build_student(teacher, student_cfg)
+    module = DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW)
+    check_fits(stage, student)
+    module.set_stage(0, stage, total_steps=total_steps)
+    return module, student

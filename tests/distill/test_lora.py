@@ -18,9 +18,7 @@ from distill.restore import from_checkpoint
 from distill.stages import Stage, check_fits, stages_from_config
 from distill.train import train
 from models.student import StudentConfig, build_student
-from models.teacher import FrozenTeacher
-from tests.distill.helpers import compose_train, job_overrides, run_job
-from tests.distill.test_export import export_cfg
+from tests.distill.helpers import compose_train, export_cfg, job_overrides, run_job, staged_module
 from tests.models.test_student import make_teacher
 
 LORAS = dict(w_lora=8, a_lora=8, v_lora=8, g_lora=8)
@@ -33,12 +31,7 @@ def lora_stage(trainable: str = "none", **lora) -> Stage:
 
 
 def module_with(stage: Stage, student_cfg: StudentConfig = StudentConfig(**LORAS)):
-    teacher = make_teacher(dtype=torch.float32)
-    student = build_student(teacher, student_cfg)
-    module = DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW)
-    check_fits(stage, student)
-    module.set_stage(0, stage, total_steps=4)
-    return module, student
+    return staged_module(student_cfg, stage, total_steps=4)
 
 
 def grads_after_one_step(module: DistillModule, student) -> dict[str, torch.Tensor]:

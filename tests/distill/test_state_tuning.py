@@ -14,14 +14,12 @@ import torch.nn.functional as F
 
 from distill.checkpoints import read_checkpoint
 from distill.export import export
-from distill.module import DistillModule
 from distill.restore import from_checkpoint
 from distill.stages import Stage, check_fits
 from distill.train import train
 from models.student import StudentConfig, build_student
-from models.teacher import FrozenTeacher
-from tests.distill.helpers import compose_tiny_job
-from tests.distill.test_export import export_cfg, run_isolated, write_checkpoint
+from tests.distill.helpers import compose_tiny_job, export_cfg, staged_module, write_checkpoint
+from tests.distill.test_export import run_isolated
 from tests.models.test_student import make_teacher
 
 LORAS = dict(w_lora=8, a_lora=8, v_lora=8, g_lora=8)
@@ -35,12 +33,7 @@ def state_stage(lr: float = 1e-3) -> Stage:
 
 
 def state_module(cfg: StudentConfig, stage: Stage):
-    teacher = make_teacher(dtype=torch.float32)
-    student = build_student(teacher, cfg)
-    module = DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW)
-    check_fits(stage, student)
-    module.set_stage(0, stage, total_steps=100)
-    return module, student
+    return staged_module(cfg, stage, total_steps=100)
 
 
 @pytest.mark.parametrize("cfg, rwkv_layers", [
