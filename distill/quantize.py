@@ -1,0 +1,86 @@
+"""distill-export quantize=int8|int4: weight-only quantization of the HF folder for CPU inference.
+
+transformers' own torchao path does the work: the fp32 folder is loaded with a TorchAoConfig
+(transformers quantizes each nn.Linear weight as it loads) and saved again. transformers flattens
+torchao's tensor subclasses into plain safetensors tensors (qdata, scale, zero_point) with a JSON
+description in the file's metadata, and rebuilds them from that on load: nothing is pickled. The
+folder loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` wherever
+torchao is installed (config.json's quantization_config names it).
+
+    int8: Int8WeightOnlyConfig, one scale per output row (symmetric).
+    int4: IntxWeightOnlyConfig(int4), one scale per group of GROUP_SIZE inputs (per row where the
+          group does not divide the row). torchao's CPU int4
+          layout that safetensors can hold (IntxUnpackedToInt8Tensor) keeps one 4-bit value per byte:
+          the folder is int8-sized on disk; the packed CPU layouts are not serializable in torchao 0.18.
+
+What is quantized: every nn.Linear - the teacher's projections (q/k/v/o), the MLP (or the RWKV
+channel mix) and lm_head. These hold nearly all the weights (lm_head alone is V x C, untied in the
+student). What stays fp32: the embedding (a lookup, no matmul to save), the norms, and the RWKV
+pieces that are plain parameters - the decay/in-context-rate/value/gate LoRAs (rank 8-64, a small
+share of the bytes, feeding exp(-exp(w)) where an error in w compounds along the sequence), the
+token-shift mixes and k_k/k_a. Activations stay fp32 (weight-only: torchao dequantizes to the
+input's dtype), so the recurrent state and the WKV math stay fp32.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TorchAoConfig
+
+from models.hf_config import RWKVDistillConfig
+from models.hf_model import RWKVDistillForCausalLM
+
+QUANTIZE = ("int8", "int4")
+FORMATS = ("hf",)  # format=onnx has its own int8 (ONNX Runtime's quantizer); fla/rwkv are other runtimes' files
+GROUP_SIZE = 32  # int4 inputs per scale: llama.cpp's Q4_0 block; divides every hidden size we distill
+
+
+def check_quantize(quantize: str | None, fmt: str, dtype: str) -> None:
+    """ValueError naming the bad value unless quantize is None or a kind this format and dtype take."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize={quantize!r} is not one of {QUANTIZE} (or null: no quantization)")
+    if fmt not in FORMATS:
+        raise ValueError(f"quantize={quantize} needs format=hf, not format={fmt}"
+                         + (" (format=onnx has its own int8 variant)" if fmt == "onnx" else ""))
+    if dtype != "fp32":
+        raise ValueError(f"quantize={quantize} needs dtype=fp32, not dtype={dtype}: the weights are quantized "
+                         "from fp32 and the activations, the recurrent state and the WKV math stay fp32")
+
+
+def weight_config(quantize: str, in_features: int):
+    """torchao's config for one linear weight [out, in_features]."""
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerAxis, PerGroup
+
+    if quantize == "int8":
+        return Int8WeightOnlyConfig()
+    # a group must divide the row (stories260K's MLP down_proj has 172 inputs): else one scale per row
+    groups = PerGroup(GROUP_SIZE) if in_features % GROUP_SIZE == 0 else PerAxis(0)
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=groups)
+
+
+def torchao_config(folder: Path, quantize: str) -> TorchAoConfig:
+    """Every nn.Linear of the folder's model by name (see the docstring for why these), lm_head included."""
+    from torchao.quantization import FqnToConfig
+
+    with torch.device("meta"):  # the shapes only
+        model = RWKVDistillForCausalLM(RWKVDistillConfig.from_pretrained(folder))
+    linears = {name: weight_config(quantize, module.in_features)
+               for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    return TorchAoConfig(quant_type=FqnToConfig(linears), modules_to_not_convert=[])
+
+
+def write_quantized(fp32: Path, out: Path, quantize: str) -> list[str]:
+    """The fp32 HF folder `fp32` with its linear weights quantized, written into out (existing,
+    empty): transformers writes the weights and config.json, the code and tokenizer files are copied."""
+    model = RWKVDistillForCausalLM.from_pretrained(fp32, quantization_config=torchao_config(fp32, quantize))
+    model.save_pretrained(out)
+    for path in fp32.iterdir():
+        if not (out / path.name).exists():
+            shutil.copy2(path, out / path.name)
+    return sorted(p.name for p in out.iterdir())
