@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import TorchAoConfig
+from transformers import BitsAndBytesConfig, TorchAoConfig
 
 from models.hf_config import RWKVDistillConfig
 from models.hf_model import RWKVDistillForCausalLM
@@ -84,3 +84,16 @@ def write_quantized(fp32: Path, out: Path, quantize: str) -> list[str]:
         if not (out / path.name).exists():
             shutil.copy2(path, out / path.name)
     return sorted(p.name for p in out.iterdir())
+
+
+def bnb_config(bits: int) -> BitsAndBytesConfig:
+    """On a CUDA GPU the fp32 folder (no quantize=) loads quantized by bitsandbytes as it loads:
+        AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True, device_map="cuda",
+                                             dtype=torch.float32, quantization_config=bnb_config(8))
+    dtype=float32 keeps what is not quantized (embedding, norms, LoRAs: hence the recurrent state and
+    the WKV math) in fp32, as 4-bit's compute dtype does; bitsandbytes leaves lm_head in fp32 by default."""
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    raise ValueError(f"bits={bits} is not one of (8, 4) (bitsandbytes' LLM.int8() and NF4)")
