@@ -131,3 +131,30 @@ def test_bad_choices_are_clear_errors(tiny_teacher, tmp_path):
         with pytest.raises(ValueError, match=message):
             export(export_cfg(tmp_path, f"ckpt={ckpt}", f"out={tmp_path / 'out'}", bad))
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_on_cuda_the_fp32_folder_loads_with_bitsandbytes(folders, bits):
+    """transformers' BitsAndBytesConfig path (distill.quantize.bnb_config): the projections and MLP
+    become bitsandbytes layers, the state stays fp32, the logits stay near the fp32 student's."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from distill.quantize import bnb_config
+
+    student, ids, made = folders
+    model = AutoModelForCausalLM.from_pretrained(made["fp32"][0], trust_remote_code=True, dtype=torch.float32,
+                                                 device_map="cuda", quantization_config=bnb_config(bits)).eval()
+    layer = model.student.layers[0]
+    kind = bnb.nn.Linear8bitLt if bits == 8 else bnb.nn.Linear4bit
+    assert isinstance(layer.time_mix.q_proj, kind) and isinstance(layer.mlp.down_proj, kind)
+    ids = ids.cuda()
+    with torch.no_grad():
+        out = model(ids)
+        fp32 = student.logits(ids.cpu())
+    got = out.logits.float().cpu()
+    assert 1e-3 < ((got - fp32).norm() / fp32.norm()).item() <= VS_FP32["int8" if bits == 8 else "int4"]
+    assert {t.dtype for layer in out.recurrent_state.time_mix for t in layer.values()} == {torch.float32}
+    generated = model.generate(ids[:1, :5], max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    assert generated.shape == (1, 5 + NEW_TOKENS)
