@@ -102,10 +102,14 @@ def rss_mib() -> float:
 
 
 def generate(folder: Path, variant: str, device: str, prompt: str, new_tokens: int) -> dict:
-    """Run in a fresh process: load, warm up, time a greedy generate(), read the peak RSS (and the
-    RSS before the model was loaded: torch and transformers alone)."""
-    from transformers import AutoTokenizer
+    """Run in a fresh process: load, warm up, time a greedy generate(), read the peak RSS and the RSS
+    before the model was loaded (the libraries alone: torch, transformers, torchao, bitsandbytes)."""
+    import importlib.util
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    for library in ("torchao.quantization", "bitsandbytes"):
+        if importlib.util.find_spec(library.split(".")[0]):
+            importlib.import_module(library)
     before = rss_mib()
     model = load(folder, variant, device)
     model.generation_config.eos_token_id = None  # exactly new_tokens tokens
