@@ -9,12 +9,14 @@ torchao is installed (config.json's quantization_config names it).
 
     int8: Int8WeightOnlyConfig, one scale per output row (symmetric).
     int4: IntxWeightOnlyConfig(int4), one scale per group of GROUP_SIZE inputs (per row where the
-          group does not divide the row). torchao's CPU int4
+          group does not divide the row); lm_head int8, as llama.cpp's 4-bit types keep the output
+          matrix at 6 bits: its error reaches every logit directly (with lm_head at int4 too, the
+          stories260K student missed the +5% NLL target: BENCHMARKS.md, "Quantized students"). torchao's CPU int4
           layout that safetensors can hold (IntxUnpackedToInt8Tensor) keeps one 4-bit value per byte:
           the folder is int8-sized on disk; the packed CPU layouts are not serializable in torchao 0.18.
 
 What is quantized: every nn.Linear - the teacher's projections (q/k/v/o), the MLP (or the RWKV
-channel mix) and lm_head. These hold nearly all the weights (lm_head alone is V x C, untied in the
+channel mix) and lm_head (int8 in both kinds). These hold nearly all the weights (lm_head alone is V x C, untied in the
 student). What stays fp32: the embedding (a lookup, no matmul to save), the norms, and the RWKV
 pieces that are plain parameters - the decay/in-context-rate/value/gate LoRAs (rank 8-64, a small
 share of the bytes, feeding exp(-exp(w)) where an error in w compounds along the sequence), the
@@ -53,11 +55,11 @@ def check_quantize(quantize: str | None, fmt: str, dtype: str) -> None:
                          "from fp32 and the activations, the recurrent state and the WKV math stay fp32")
 
 
-def weight_config(quantize: str, in_features: int):
-    """torchao's config for one linear weight [out, in_features]."""
+def weight_config(quantize: str, in_features: int, head: bool = False):
+    """torchao's config for one linear weight [out, in_features]; head: it is lm_head."""
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerAxis, PerGroup
 
-    if quantize == "int8":
+    if quantize == "int8" or head:  # int4 too keeps lm_head at int8 (see the docstring)
         return Int8WeightOnlyConfig()
     # a group must divide the row (stories260K's MLP down_proj has 172 inputs): else one scale per row
     groups = PerGroup(GROUP_SIZE) if in_features % GROUP_SIZE == 0 else PerAxis(0)
@@ -70,7 +72,8 @@ def torchao_config(folder: Path, quantize: str) -> TorchAoConfig:
 
     with torch.device("meta"):  # the shapes only
         model = RWKVDistillForCausalLM(RWKVDistillConfig.from_pretrained(folder))
-    linears = {name: weight_config(quantize, module.in_features)
+    head = model.get_output_embeddings()
+    linears = {name: weight_config(quantize, module.in_features, module is head)
                for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     return TorchAoConfig(quant_type=FqnToConfig(linears), modules_to_not_convert=[])
 
