@@ -12,8 +12,9 @@ NF4), when bitsandbytes is installed. NLL: distill.evaluation.compare_on_batches
 windows for every variant (--text stdlib: the quickstart's held-out stdlib split; else a text file,
 stories split at <|endoftext|>). Generation: one fresh process per variant (`edge.py generate ...`)
 loads the folder with transformers, greedy-decodes --new-tokens from --prompt and reports tokens/s
-(the timed generate() after a short warm-up) and its peak resident memory (getrusage ru_maxrss), so
-no variant's memory is counted in another's. Writes edge.json into --out and prints a markdown table.
+(the timed generate() after a short warm-up), its peak resident memory (VmHWM), and the
+resident memory the loaded model adds to the libraries' and the generation adds to that, so no
+variant's memory is counted in another's. Writes edge.json into --out and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ def rss_mib() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux VmHWM). Not getrusage's ru_maxrss: after fork +
+    exec that keeps the parent's peak (here: the benchmark process holding the teacher)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def generate(folder: Path, variant: str, device: str, prompt: str, new_tokens: int) -> dict:
     """Run in a fresh process: load, warm up, time a greedy generate(), read the peak RSS and the RSS
     before the model was loaded (the libraries alone: torch, transformers, torchao, bitsandbytes)."""
@@ -118,6 +126,7 @@ def generate(folder: Path, variant: str, device: str, prompt: str, new_tokens: i
         model.generate(ids, max_new_tokens=8, do_sample=False)
         if device == "cuda":
             torch.cuda.synchronize()
+        loaded = rss_mib()  # the model in memory, warmed up
         started = time.perf_counter()
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         if device == "cuda":
@@ -125,7 +134,8 @@ def generate(folder: Path, variant: str, device: str, prompt: str, new_tokens: i
         seconds = time.perf_counter() - started
     assert out.shape[1] == ids.shape[1] + new_tokens
     return {"tokens_per_second": new_tokens / seconds, "seconds": seconds, "new_tokens": new_tokens,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_load_mib": before,
+            "peak_rss_mib": peak_rss_mib(), "rss_before_load_mib": before,
+            "rss_after_load_mib": loaded, "rss_after_generate_mib": rss_mib(),
             "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
@@ -150,13 +160,14 @@ def commit() -> str:
 
 def table(rows: dict[str, dict]) -> str:
     base = rows["fp32"]["student_nll"]
-    lines = ["| variant | held-out NLL | vs fp32 | weights on disk | tokens/s | peak RSS | peak RSS - RSS before load |",
+    lines = ["| variant | held-out NLL | vs fp32 | weights on disk | tokens/s | peak RSS | RSS: load, then generation |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for variant, r in rows.items():
         size = f"{r['weights_bytes'] / 2**20:.2f} MiB" if "weights_bytes" in r else "(the fp32 folder)"
         lines.append(f"| {variant} | {r['student_nll']:.4f} | {100 * (r['student_nll'] / base - 1):+.2f}% | {size} | "
                      f"{r['tokens_per_second']:.1f} | {r['peak_rss_mib']:.0f} MiB | "
-                     f"{r['peak_rss_mib'] - r['rss_before_load_mib']:.1f} MiB |")
+                     f"+{r['rss_after_load_mib'] - r['rss_before_load_mib']:.1f} MiB, "
+                     f"{r['rss_after_generate_mib'] - r['rss_after_load_mib']:+.1f} MiB |")
     return "\n".join(lines)
 
 
