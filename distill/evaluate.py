@@ -8,7 +8,8 @@ Teacher and student are rebuilt from what the checkpoint (or the folder's config
 non-null `teacher.*` / `student.*` values given here replace the recorded ones. Writes into this
 run's directory: eval.json (the summary keys of a training run that do not depend on training,
 per-layer alignment errors, the per-position NLL gap, long-context decode costs, samples),
-long_context.json, three PNG plots and report.md.
+long_context.json, three PNG plots and report.md; report.constant_memory=FILE (a JSON of
+benchmarks/constant_memory.py) adds its plot and summary.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from distill.cli import CONF_DIR, register_resolvers, run_cli, summary_table
 from distill.data.module import DistillDataModule
@@ -68,6 +69,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate the checkpoint or exported folder on the text file; write the report; return eval.json's dict."""
     if not Path(cfg.text).is_file():
         raise FileNotFoundError(f"text={cfg.text!r}: no such file")
+    if cfg.report.constant_memory and not Path(cfg.report.constant_memory).is_file():
+        raise FileNotFoundError(f"report.constant_memory={cfg.report.constant_memory!r}: no such file")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher, tokenizer, student = load_models(cfg, device)
     text = LocalFilesSource(paths=[cfg.text], document_separator=cfg.document_separator)
@@ -80,6 +83,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "continuation": continuations(teacher, student, tokenizer, cfg.prompt, cfg.max_new_tokens),
         **report(cfg, teacher, tokenizer, student, batches),
     }
+    if cfg.report.constant_memory:  # measured apart, in one process per model: read, not re-run
+        result["constant_memory"] = json.loads(Path(cfg.report.constant_memory).read_text())
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2))

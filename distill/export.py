@@ -4,11 +4,13 @@
     distill-export ckpt=... out=exports/my-rwkv-native format=rwkv dtype=bf16              # RWKV-7 .pth
     distill-export ckpt=... out=exports/my-rwkv-fla format=fla                             # fla folder
     distill-export ckpt=... out=exports/my-rwkv-int8 quantize=int8                         # HF, int8 weights
+    distill-export ckpt=... out=exports/my-rwkv-onnx format=onnx                           # ONNX step (+int8)
 
 ckpt is a Lightning .ckpt file or a DeepSpeed ZeRO checkpoint directory (consolidated). The teacher
 recorded in the checkpoint is loaded for its shape, rotary embedding, tokenizer and generation
 settings (teacher.path=... when it has moved). Every format gets the tokenizer files; format=hf
-also records where the teacher is, for distill-eval's report.
+also records where the teacher is, for distill-eval's report. format=onnx is the one-token recurrent
+step (distill/export_onnx.py), fp32 plus an int8 variant: dtype must stay fp32.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from distill.cli import CONF_DIR, register_resolvers, run_cli
 from distill.export_hf import hf_tokenizer, write_hf
 from distill.export_native import write_fla, write_rwkv
+from distill.export_onnx import write_onnx
 from distill.quantize import check_quantize, write_quantized
 from distill.restore import from_checkpoint, with_overrides
 
-FORMATS = ("hf", "fla", "rwkv")
+FORMATS = ("hf", "fla", "rwkv", "onnx")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -39,6 +42,9 @@ def check_choices(cfg: DictConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is not one of {tuple(DTYPES)}")
     check_quantize(cfg.quantize, cfg.format, cfg.dtype)
+    if cfg.format == "onnx" and cfg.dtype != "fp32":
+        raise ValueError(f"format=onnx writes fp32 (model.onnx) and int8 (model.int8.onnx) graphs; dtype={cfg.dtype!r} "
+                         "is not one of them: leave dtype=fp32")
     out = Path(cfg.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
         raise ValueError(f"out={str(out)!r} exists and is not empty; pass overwrite=true to replace it "
@@ -68,6 +74,8 @@ def write(cfg: DictConfig, out: Path) -> list[str]:
     tokenizer = hf_tokenizer(tokenizer)
     if cfg.format == "rwkv":
         files = write_rwkv(student, out, dtype)
+    elif cfg.format == "onnx":
+        files = write_onnx(student, out)
     else:
         files = write_fla(student, tokenizer, out, dtype, teacher.config.max_position_embeddings)
     tokenizer.save_pretrained(out)

@@ -49,6 +49,9 @@ def native_mismatches(student: StudentLM, fmt: str) -> list[str]:
         found.append("the teacher's q/k/v/o biases (Qwen2-style)")
     if shape.qk_norm:
         found.append("the teacher's q/k norms (Qwen3-style)")
+    if cfg.learned_initial_state:
+        found.append("learned_initial_state=true (the native layouts hold no initial WKV state: every sequence "
+                     "starts from zeros there)")
     if shape.num_heads * shape.head_dim != shape.hidden_size:
         found.append(f"attention width {shape.num_heads * shape.head_dim} != model width {shape.hidden_size}")
     if fmt == "fla" and cfg.head_size * LAYER_NORM_EPS != 64e-5:

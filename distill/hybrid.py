@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill import parallel
 from distill.checkpoints import read_checkpoint
 from distill.cli import log
+from distill.lora import load_student
 from distill.stages import stages_from_config
 from models.diagnostics import alignment_errors
 from models.hybrid import check_kept_count, with_kept_attention, worst_layers
@@ -75,8 +76,7 @@ class AutoAttention:
         student = module.student
         if trained.exists():  # a fresh module: a ZeRO-3 student's own parameters are partitioned
             student = build_student(teacher.model, student.config)
-            student.load_state_dict({k.removeprefix("student."): v for k, v in
-                                     read_checkpoint(trained)["state_dict"].items()})
+            load_student(student, read_checkpoint(trained))
         device = next(student.parameters()).device
         batches = data.heldout_batches()[:MEASURE_BATCHES]
         with torch.compiler.set_stance("force_eager"), parallel.autocast(precision, device):

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from distill.lora import Adapters
 from distill.losses import head_weight, l2_alignment, linear_kl
 from distill.parallel import declare_external_parameters, deepspeed_grad_norm, uses_deepspeed
 from distill.stages import Stage
@@ -56,6 +57,7 @@ class DistillModule(L.LightningModule):
         self.final_loss = float("nan")  # the stage's last loss, averaged over ranks (on_train_end)
         self.run_config = run_config or {}  # how to rebuild teacher and student (distill-eval)
         self.finished_stages: list[dict] = []  # summary records of the stages done so far
+        self.adapters: Adapters | None = None  # the current stage's LoRA adapters, in the student until merged
         self._reset_loss_record()
 
     def _reset_loss_record(self) -> None:
@@ -68,13 +70,30 @@ class DistillModule(L.LightningModule):
 
     # ----- stage set-up -------------------------------------------------------------
     def set_stage(self, index: int, stage: Stage, total_steps: int) -> None:
-        """Select what trains and how long the LR schedule runs."""
+        """Select what trains and how long the LR schedule runs. A LoRA stage first injects its
+        adapters; then the `trainable` group trains, except the Linear layers LoRA wraps, whose
+        adapters train instead (distill/stages.py: TRAINABLE)."""
+        assert self.adapters is None, "the previous stage's adapters were not merged"
         self.stage, self.stage_index, self.total_steps = stage, index, total_steps
+        if stage.lora is not None:
+            self.adapters = Adapters(self.student, stage.lora)
         self.student.requires_grad_(stage.trainable == "all")
-        if stage.trainable != "all":
-            chosen = {"time_mix": self.student.time_mix_parameters, "new": self.student.new_parameters}
-            for p in chosen[stage.trainable]():
+        groups = {"time_mix": self.student.time_mix_parameters, "new": self.student.new_parameters,
+                  "state": self.student.initial_state_parameters}  # all: set above; none: adapters only
+        if stage.trainable in groups:
+            for p in groups[stage.trainable]():
                 p.requires_grad_(True)
+        if self.adapters is not None:
+            for p in self.adapters.base_parameters():
+                p.requires_grad_(False)
+            for p in self.adapters.parameters():
+                p.requires_grad_(True)
+
+    def merge_adapters(self) -> None:
+        """The end of a LoRA stage: its adapters folded into the student's weights (peft's merge)."""
+        if self.adapters is not None:
+            self.adapters.merge()
+            self.adapters = None
 
     def configure_optimizers(self):
         stage = self.stage
@@ -195,7 +214,9 @@ class DistillModule(L.LightningModule):
         last = self.final_loss if self._last_loss is None else self._last_loss.item()
         checkpoint["distill"] = {"stage_index": self.stage_index, "stage_name": self.stage.name,
                                  "last_loss": last, "finished_stages": self.finished_stages,
-                                 "config": self.run_config}
+                                 "config": self.run_config,
+                                 # the adapters in state_dict, to inject before restoring (distill/lora.py)
+                                 "lora": None if self.adapters is None else self.adapters.spec.record()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # a stage resumed at its last step trains no more: its final loss is the recorded one

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PLOTS = {"alignment": "alignment_errors.png", "gap": "nll_gap_by_position.png", "context": "long_context.png"}
+CONSTANT_MEMORY_PLOT = "constant_memory.png"
+LABELS = {"student": "student (transformers)", "student_onnx": "student (ONNX Runtime)", "teacher": "teacher (KV cache)"}
 
 
 def plot_alignment(errors: list[float], path: Path) -> None:
@@ -53,10 +55,31 @@ def plot_context(long_context: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_constant_memory(result: dict[str, Any], path: Path) -> None:
+    """benchmarks/constant_memory.py's rows: resident memory and ms per token against tokens generated."""
+    fig, (rss_ax, time_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, model in result["models"].items():
+        rows = model["rows"]
+        tokens = [r["tokens"] for r in rows]
+        rss_ax.plot(tokens, [r["rss_bytes"] / 2**20 for r in rows], label=LABELS.get(name, name))
+        time_ax.plot(tokens, [r["ms_per_token"] for r in rows], label=LABELS.get(name, name))
+    rss_ax.set(xlabel="tokens generated", ylabel="resident memory (MiB)", title=f"RSS, {result['device']}")
+    time_ax.set(xlabel="tokens generated", ylabel="ms per token", yscale="log",
+                title=f"time per token (mean of every {result['every']})")
+    for ax in (rss_ax, time_ax):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(result: dict[str, Any], out: Path) -> list[str]:
     plot_alignment(result["alignment_errors"], out / PLOTS["alignment"])
     plot_gap(result["nll_gap_by_position"], out / PLOTS["gap"])
     plot_context(result["long_context"], out / PLOTS["context"])
+    if "constant_memory" in result:
+        plot_constant_memory(result["constant_memory"], out / CONSTANT_MEMORY_PLOT)
+        return [*PLOTS.values(), CONSTANT_MEMORY_PLOT]
     return list(PLOTS.values())
 
 
@@ -93,10 +116,28 @@ def markdown(result: dict[str, Any]) -> str:
         t, s = row["teacher"], row["student"]
         lines.append(f"| {row['context']:,} | {t['seconds_per_token'] * 1e3:.2f} | {s['seconds_per_token'] * 1e3:.2f} | "
                      f"{t['state_bytes'] / 2**20:.3f} | {s['state_bytes'] / 2**20:.3f} |")
-    lines += ["", f"![long context]({PLOTS['context']})", "", "## Samples", ""]
+    lines += ["", f"![long context]({PLOTS['context']})", ""]
+    if "constant_memory" in r:
+        lines += constant_memory_section(r["constant_memory"])
+    lines += ["## Samples", ""]
     for sample in r["samples"]:
         lines += [f"Prompt: `{_cell(sample['prompt'])}`", "", "| | teacher | student |", "| --- | --- | --- |"]
         for mode in ("greedy", "sampled"):
             lines.append(f"| {mode} | {_cell(sample[f'teacher_{mode}'])} | {_cell(sample[f'student_{mode}'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def constant_memory_section(cm: dict[str, Any]) -> list[str]:
+    """report.md's lines for a benchmarks/constant_memory.py JSON: its summary per model and its plot."""
+    lines = ["## Memory and time per token over a long generation", "",
+             f"{cm['tokens']:,} new tokens per model, each in its own process (`{cm['command']}`; {cm['device']}, "
+             f"{cm['date']}, commit {cm['commit']}):", "",
+             "| model | RSS MiB at first → last sample | state / KV cache MiB | ms/token start → end |",
+             "| --- | --- | --- | --- |"]
+    for name, model in cm["models"].items():
+        s = model["summary"]
+        lines.append(f"| {LABELS.get(name, name)} | {s['rss_mib_first']:.1f} → {s['rss_mib_last']:.1f} "
+                     f"({s['tokens_first']:,} → {s['tokens_last']:,} tokens) | {s['state_mib_first']:.3f} → "
+                     f"{s['state_mib_last']:.3f} | {s['ms_per_token_start']:.2f} → {s['ms_per_token_end']:.2f} |")
+    return lines + ["", f"![constant memory]({CONSTANT_MEMORY_PLOT})", ""]

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill.checkpoints import read_checkpoint
+from distill.lora import load_student
 from models.student import StudentConfig, build_student
 
 
@@ -40,14 +41,14 @@ def load_teacher(recorded: dict, overrides: DictConfig | dict | None, dtype: str
 def from_checkpoint(path: str | Path, teacher_overrides=None, student_overrides=None,
                     teacher_dtype: str = "float32") -> tuple[nn.Module, Any, nn.Module, dict]:
     """(teacher model, tokenizer, student in eval mode with the checkpoint's fp32 weights, the run's
-    recorded config {"teacher", "student", "data", ...})."""
+    recorded config {"teacher", "student", "data", ...}). A checkpoint taken during a LoRA stage
+    gives the student with its adapters merged in."""
     checkpoint = read_checkpoint(path)
     run = checkpoint["distill"]["config"]
     teacher, tokenizer = load_teacher(run["teacher"], teacher_overrides, teacher_dtype)
     student_cfg = with_overrides(run["student"], student_overrides)
     student = build_student(teacher, StudentConfig(**OmegaConf.to_container(student_cfg)))
-    prefix = "student."
-    student.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    load_student(student, checkpoint)
     return teacher, tokenizer, student.eval(), run
 
 

@@ -28,11 +28,12 @@ from distill.checkpointing import save_stage_end
 from distill.checkpoints import read_checkpoint
 from distill.cli import CONF_DIR, log, register_resolvers, run_cli, summary_table
 from distill.evaluation import compare_on_batches, continuations
+from distill.lora import load_student
 from distill.module import DistillModule
 from distill import hybrid, parallel
 from distill.parallel import resolve_precision, teacher_dtype
 from distill.preemption import handles_preemption, resume_path
-from distill.stages import Stage, stages_from_config
+from distill.stages import Stage, check_fits, stages_from_config
 from models.diagnostics import alignment_errors
 from models.student import StudentConfig, build_student
 from models.teacher import FrozenTeacher
@@ -62,8 +63,9 @@ def make_data(cfg: DictConfig, tokenizer, teacher: FrozenTeacher, seq_len: int, 
 def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, data, logger,
               precision: str, resume: Path | None):
     """One Trainer.fit for one stage; returns (the stage record for the summary, the trainer)."""
-    # the align loss runs no FFN: new FFNs that a stage trains get no gradient there
-    unused = stage.loss == "align" and stage.trainable == "new" and cfg.student.ffn != "teacher"
+    # the align loss runs no FFN: new FFNs, or adapters outside the time mixes, get no gradient there
+    unused = stage.loss == "align" and (stage.lora is not None or
+                                        (stage.trainable == "new" and cfg.student.ffn != "teacher"))
     trainer = instantiate(cfg.trainer, precision=precision, logger=logger,
                           strategy=parallel.lightning_strategy(cfg.strategy, unused_trainable=unused),
                           callbacks=list(instantiate(cfg.callbacks).values()),
@@ -79,7 +81,8 @@ def fit_stage(cfg: DictConfig, module: DistillModule, index: int, stage: Stage, 
               "tokens": steps * stage.tokens_per_step(trainer.world_size, trainer.accumulate_grad_batches),
               "final_loss": module.final_loss, "seconds": seconds}
     module.finished_stages.append(record)
-    save_stage_end(trainer, stage_end_path(cfg, index, stage))
+    save_stage_end(trainer, stage_end_path(cfg, index, stage))  # a LoRA stage's record keeps its adapters
+    module.merge_adapters()
     return record, trainer
 
 
@@ -116,13 +119,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                            teacher_sharding=partial(parallel.shard_teacher, precision=precision)
                            if cfg.strategy.shard_teacher else None)
     stages = stages_from_config(OmegaConf.to_container(cfg.stages, resolve=True))
+    for stage in stages:
+        check_fits(stage, student)
+    check_lora_strategy(stages, cfg.strategy)
     if resume:
         module.finished_stages = list(checkpoint["distill"]["finished_stages"])
     done = {s["name"] for s in module.finished_stages}
     if resume and checkpoint["distill"]["stage_name"] in done:
         # A stage-end checkpoint: no Trainer restores it (the next stage starts fresh), so its weights
         # go in here. A mid-stage checkpoint is restored whole by Trainer.fit(ckpt_path=...).
-        module.load_state_dict(read_checkpoint(resume)["state_dict"])
+        load_student(module.student, read_checkpoint(resume))
     logger = tracking.make_loggers(cfg) or False
 
     trained_with_deepspeed = False
@@ -143,7 +149,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trained_with_deepspeed:  # its student is sharded or cast in place: evaluate the consolidated fp32 one
         student = build_student_from(cfg, teacher)
         final = stage_end_path(cfg, len(stages) - 1, stages[-1])
-        student.load_state_dict(strip_prefix(read_checkpoint(final)["state_dict"], "student."))
+        load_student(student, read_checkpoint(final))
     summary = summarize(cfg, module, teacher, tokenizer, student, started, precision)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -152,13 +158,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def check_lora_strategy(stages: list[Stage], strategy: DictConfig) -> None:
+    """LoRA stages under ZeRO-3 are refused: there each rank holds a shard of every weight, and the
+    merge at the stage's end (peft, in place) needs whole ones."""
+    lora = [s.name for s in stages if s.lora is not None]
+    if lora and not isinstance(strategy.lightning, str) and strategy.lightning.get("stage") == 3:
+        raise ValueError(f"stages {lora} use lora, which ZeRO-3 (strategy.lightning.stage=3) cannot merge in "
+                         "place; use strategy=ddp or strategy=deepspeed_zero2")
+
+
 def build_student_from(cfg: DictConfig, teacher: FrozenTeacher):
     """A student initialized from the teacher, as cfg.student says."""
     return build_student(teacher.model, StudentConfig(**OmegaConf.to_container(cfg.student)))
-
-
-def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()

@@ -34,6 +34,8 @@ class TeacherAttention(TeacherProjections):
     """o = W_o softmax(q k^T / sqrt(D) + causal mask) v, with the teacher's projections, q/k norms,
     RoPE, GQA and sliding window (Mistral, windowed Qwen layers)."""
 
+    uses_rope = True
+
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__(shape)
         self.window = None if shape.sliding_windows is None else shape.sliding_windows[layer_id]

@@ -17,7 +17,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput

@@ -1,5 +1,5 @@
 """Small pieces shared by the student's layers: RMSNorm, gated MLP, LoRA, RoPE, GQA repeat,
-the teacher's attention projections, token shift.
+the teacher's attention projections, token shift, the WKV state a sequence starts from.
 
 Shapes: B batch, T time, C model width, H heads, D teacher head_dim, r LoRA rank.
 RMSNorm, GatedMLP, apply_rope and TeacherProjections reproduce the Llama-family teacher modules
@@ -144,3 +144,18 @@ class TeacherProjections(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
+
+
+def learned_initial_state(learned: bool, heads: int, N: int) -> nn.Parameter | None:
+    """The WKV state [H, N, N] a fresh sequence starts from, when it is learned (state tuning), else
+    None. Zeros at init: a student with it computes exactly what one without computes."""
+    return nn.Parameter(torch.zeros(heads, N, N)) if learned else None
+
+
+def start_wkv(state: dict[str, Tensor] | None, initial: Tensor | None, B: int) -> Tensor | None:
+    """The WKV state before the first of the tokens: the carried state["wkv"] [B, H, N, N] when a
+    sequence continues; for a fresh one the learned initial state [H, N, N] broadcast over the batch
+    (float32, the kernels' state dtype; its gradient sums over the batch), or None (zeros)."""
+    if state is not None:
+        return state["wkv"]
+    return None if initial is None else initial.float().expand(B, *initial.shape)

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 import kernels
-from models.layers import LoRA, TeacherProjections, normalize_heads, repeat_kv, token_shift
+from models.layers import (LoRA, TeacherProjections, learned_initial_state, normalize_heads, repeat_kv, start_wkv,
+                           token_shift)
 
 if TYPE_CHECKING:
     from models.student import StudentConfig, TeacherShape
@@ -62,6 +63,8 @@ class RadRWKV6(TeacherProjections):
     """o = W_o(norm(WKV6(r, log w, k * (1 - e^{log w}), v, u)) * sigmoid(W_g x_g)), r/k/v the
     teacher's q/k/v (GQA repeated, no RoPE) of the token-shifted inputs x_r, x_k, x_v."""
 
+    uses_rope = False
+
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__(shape)
         C = shape.hidden_size
@@ -80,6 +83,7 @@ class RadRWKV6(TeacherProjections):
         self.gate = nn.Linear(C, A, bias=False)
         nn.init.zeros_(self.gate.weight)
         self.ln_x = nn.GroupNorm(A // N, A, eps=64e-5) if cfg.groupnorm else None
+        self.initial_state = learned_initial_state(cfg.learned_initial_state, A // N, N)  # state tuning
 
     def shifted_inputs(self, x: Tensor, state: dict[str, Tensor] | None) -> dict[str, Tensor]:
         """x: [B, T, C] -> {"r", "k", "v", "w", "g": [B, T, C]}, RWKV-6's data-dependent lerps."""
@@ -107,8 +111,7 @@ class RadRWKV6(TeacherProjections):
         log_w = (-torch.exp(self.w_lora(xs["w"]))).clamp(min=MIN_LOG_DECAY)
         k = k * -torch.expm1(log_w)  # state balancing: k * (1 - e^{log w})
         heads = (t.view(B, T, -1, N) for t in (r, k, v, log_w))  # [B, T, H, N]
-        y, wkv = wkv6_with_state(*heads, self.u, None if state is None else state["wkv"],
-                                   self.backend)
+        y, wkv = wkv6_with_state(*heads, self.u, start_wkv(state, self.initial_state, B), self.backend)
         y = normalize_heads(y.reshape(B, T, -1), self.ln_x, N)  # [B, T, A]
         out = self.o_proj(y * torch.sigmoid(self.gate(xs["g"])))
         return out, v_first, {"shift": x[:, -1], "wkv": wkv}

@@ -4,7 +4,8 @@ recurrence with data-dependent decay, in-context learning rate and value residua
 Shapes: B batch, T time, C model width, A = H_t * D attention width (= C for most teachers),
 H_t teacher heads of size D, H_kv teacher KV heads, H = A / N student heads of size N.
 Recurrent state (the protocol of models/student.py): {"wkv": [B, H, N, N]}, the WKV state after
-the last token; there is no token shift, so nothing else is carried.
+the last token; there is no token shift, so nothing else is carried. A fresh sequence starts from
+zeros, or from the learned `initial_state` [H, N, N] with cfg.learned_initial_state (state tuning).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from models.layers import LoRA, TeacherProjections, normalize_heads, repeat_kv
+from models.layers import LoRA, TeacherProjections, learned_initial_state, normalize_heads, repeat_kv, start_wkv
 
 if TYPE_CHECKING:
     from models.student import StudentConfig, TeacherShape
@@ -32,6 +33,8 @@ def decay_init(layer_id: int, n_layers: int, dim: int) -> Tensor:
 
 class RadRWKV7(TeacherProjections):
     """o = W_o(GroupNorm_H(WKV7(r, log w, k~, v, -kk, kk*a)) * g), r/k with the teacher's RoPE."""
+
+    uses_rope = True
 
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__(shape)
@@ -50,6 +53,7 @@ class RadRWKV7(TeacherProjections):
         self.k_k = nn.Parameter(torch.full((A,), 0.85))
         self.k_a = nn.Parameter(torch.ones(A))
         self.ln_x = nn.GroupNorm(A // cfg.head_size, A, eps=64e-5) if cfg.groupnorm else None
+        self.initial_state = learned_initial_state(cfg.learned_initial_state, A // cfg.head_size, cfg.head_size)
 
     def rkv(self, x: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, T, C] -> r, k, v: [B, T, A], the teacher's q, k, v (+q/k norm, RoPE, GQA repeat)."""
@@ -69,7 +73,7 @@ class RadRWKV7(TeacherProjections):
         r, k, v = self.rkv(x, rope)  # [B, T, A]
         operands, v_first = self.wkv7_operands(k, v, v_first, x, x, x)
         heads = [t.view(B, T, -1, N) for t in (r, *operands)]  # [B, T, H, N]
-        y, s = self.wkv(heads, None if state is None else state["wkv"])
+        y, s = self.wkv(heads, start_wkv(state, self.initial_state, B))
         y = normalize_heads(y.reshape(B, T, -1), self.ln_x, N)  # [B, T, A]
         return self.o_proj(y * self.g_lora(x)), v_first, {"wkv": s}
 

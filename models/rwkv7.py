@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from models.layers import normalize_heads, token_shift
+from models.layers import normalize_heads, start_wkv, token_shift
 from models.rad_rwkv7 import RadRWKV7
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ class RWKV7TimeMix(RadRWKV7):
     and the lerps x_* (reference init, 1 - (n/C)^(e (1 - l/L))) and the bonus r_k are added.
     """
 
+    uses_rope = False
+
     def __init__(self, shape: TeacherShape, cfg: StudentConfig, layer_id: int) -> None:
         super().__init__(shape, cfg, layer_id)
         C, A = shape.hidden_size, shape.num_heads * shape.head_dim
@@ -85,7 +87,7 @@ class RWKV7TimeMix(RadRWKV7):
         r, k, v = (t.reshape(B, T, -1) for t in self.qkv(xr, None, xk, xv))  # [B, T, A] (k, v full width)
         operands, v_first = self.wkv7_operands(k, v, v_first, xw, xa, xv)
         heads = [t.view(B, T, -1, N) for t in (r, *operands)]  # [B, T, H, N]
-        y, wkv = self.wkv(heads, None if state is None else state["wkv"])
+        y, wkv = self.wkv(heads, start_wkv(state, self.initial_state, B))
         y = normalize_heads(y.reshape(B, T, -1), self.ln_x, N)  # [B, T, A]
         r, k, v = heads[0], heads[2], heads[3]  # r, k~, mixed v [B, T, H, N]
         bonus = (r * k * self.r_k).sum(-1, keepdim=True) * v  # [B, T, H, N]

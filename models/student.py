@@ -9,10 +9,13 @@ cls(shape, cfg, layer_id) and called as
     (x [B,T,C], rope (cos, sin) [1,T,D] at the tokens' absolute positions, v_first [B,T,A] | None,
      state: dict[str, Tensor] | None) -> (out [B,T,C], v_first, new_state: dict[str, Tensor])
 (A = the teacher's attention width, H_t * D; = C for most teachers)
-where state None starts a fresh sequence and new_state fully describes the layer after the last of
-the T tokens (e.g. {"wkv": [B,H,N,N]}, + {"shift": [B,C]} with token shift; the KV cache {"k", "v"}
+where state None starts a fresh sequence (an RWKV layer from its learned `initial_state` [H, N, N]
+with StudentConfig.learned_initial_state, else from zeros) and new_state fully describes the layer
+after the last of the T tokens (e.g. {"wkv": [B,H,N,N]}, + {"shift": [B,C]} with token shift; the KV cache {"k", "v"}
 for kept attention). It names the teacher's attention weights it reuses exactly as the teacher's
 attention module does (q_proj, k_proj, ...), so build_student copies them by state_dict key.
+Its class attribute `uses_rope` says whether it reads rope, i.e. whether its output depends on the
+absolute position (a one-token ONNX step then takes the position as an input).
 An FFN plugs in through FFN: built as FFN[name](shape, cfg, layer_id), called as
 (x [B,T,C], state) -> (out [B,T,C], new_state) ({} when stateless, like the teacher's MLP).
 v_first: the v of the first layer that is not kept attention (StudentConfig.v_first_layer);
@@ -78,6 +81,9 @@ class StudentConfig:
     ffn: str = "teacher"  # key of FFN: "teacher" = its MLP, copied; "rwkv" = RWKV-7 channel mix, new
     norm: str = "rms"  # key of NORMS: "rms" = the teacher's RMSNorms; "layer" = LayerNorms + ln0 (plain RWKV-7)
     init: str = "teacher"  # "scratch": what would be copied from the teacher is random instead (a baseline)
+    # Each RWKV layer learns the WKV state a fresh sequence starts from ([H, N, N], zeros at init), for
+    # state tuning; False (older checkpoints and exports) starts from zeros.
+    learned_initial_state: bool = False
 
     @property
     def v_first_layer(self) -> int:
@@ -179,7 +185,8 @@ def resolve(cfg: StudentConfig, shape: TeacherShape) -> StudentConfig:
 class StudentState:
     """A batch of sequences after the tokens seen so far: forward(next_ids, state) continues them."""
 
-    position: int  # absolute position of the next token = tokens seen so far
+    position: int | Tensor  # absolute position of the next token = tokens seen so far (a 0-d int64
+    # tensor when the step is traced for ONNX, where it is a graph input)
     time_mix: list[dict[str, Tensor]]  # per layer, e.g. {"wkv": [B, H, N, N]} or {"k", "v"} KV cache
     ffn: list[dict[str, Tensor]]  # per layer, {} for the teacher's MLP
 
@@ -230,9 +237,10 @@ class StudentLM(nn.Module):
         self.lm_head = nn.Linear(C, shape.vocab_size, bias=False)
         self.rotary_emb = rotary_emb
 
-    def rope(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor]:
-        """(cos, sin), each [1, T, D] in x's dtype, for positions start..start+T-1 of x [B, T, C]."""
-        positions = torch.arange(start, start + x.shape[1], device=x.device)[None]  # [1, T]
+    def rope(self, x: Tensor, start: int | Tensor = 0) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each [1, T, D] in x's dtype, for positions start..start+T-1 of x [B, T, C]
+        (start an int or a 0-d tensor)."""
+        positions = (start + torch.arange(x.shape[1], device=x.device))[None]  # [1, T]
         return self.rotary_emb(x, positions)
 
     def forward(self, input_ids: Tensor, state: StudentState | None = None) -> StudentOutput:
@@ -326,6 +334,14 @@ class StudentLM(nn.Module):
             for norm in (self.ln0, self.norm, *(n for b in self.layers
                                                 for n in (b.input_layernorm, b.post_attention_layernorm))):
                 yield from norm.parameters()
+
+    def initial_state_parameters(self) -> Iterator[nn.Parameter]:
+        """Each RWKV layer's learned initial WKV state [H, N, N] (none without cfg.learned_initial_state;
+        kept attention layers have no WKV state): what state tuning trains. Costs nothing per token."""
+        for block in self.layers:
+            initial = getattr(block.time_mix, "initial_state", None)
+            if initial is not None:
+                yield initial
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

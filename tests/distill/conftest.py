@@ -32,3 +32,19 @@ def corpus(tmp_path_factory) -> Path:
 def stdlib_teacher(corpus, tmp_path_factory) -> Path:
     """tiny_teacher's model, with its tokenizer trained on `corpus`."""
     return make_tiny_teacher(tmp_path_factory.mktemp("stdlib_teacher"), corpus.read_text()[:200_000])
+
+
+@pytest.fixture(scope="session")
+def exported_student(tiny_teacher, tmp_path_factory):
+    """A rad_rwkv7 student (RoPE, so its ONNX step takes the position) exported as format=onnx and
+    format=hf from one checkpoint: (the fp32 student, the onnx folder, the hf folder)."""
+    from distill.export import export
+    from models.student import StudentConfig
+    from tests.distill.helpers import export_cfg, write_checkpoint
+
+    root = tmp_path_factory.mktemp("exported_student")
+    ckpt, student = write_checkpoint(tiny_teacher, StudentConfig(w_lora=8, a_lora=8, v_lora=8, g_lora=8),
+                                     root / "a.ckpt")
+    for name in ("onnx", "hf"):
+        export(export_cfg(root / name, f"ckpt={ckpt}", f"out={root / name / 'folder'}", f"format={name}"))
+    return student, root / "onnx" / "folder", root / "hf" / "folder"

@@ -1,7 +1,9 @@
-"""Job-level test helpers: a tiny HF Llama teacher with its own BPE, and composed configs."""
+"""Job-level test helpers: a tiny HF Llama teacher with its own BPE, composed configs, and
+distill-train-style checkpoints of students written without training."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from distill.cli import register_resolvers
+from models.student import StudentConfig, build_student
+from models.teacher import load_teacher
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = Path(os.environ.get("DISTILL_ASSETS", REPO.parent / "shared" / "assets"))
@@ -98,3 +102,40 @@ def run_job(run_dir: Path, overrides: list[str], env: dict | None = None) -> sub
     return subprocess.run([sys.executable, "-m", "distill.train", f"hydra.run.dir={run_dir}", *overrides],
                           cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"})
+
+
+def write_checkpoint(teacher_path: Path, cfg: StudentConfig, out: Path, seed: int = 0, tokenizer: Path | None = None):
+    """A distill-train-style checkpoint of a student whose new parameters are moved off their init
+    (so every term shows in the outputs); returns (path, the fp32 student)."""
+    tokenizer = None if tokenizer is None else str(tokenizer)
+    teacher, _ = load_teacher(str(teacher_path), tokenizer=tokenizer)
+    student = build_student(teacher, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in student.new_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    record = {"teacher": {"_target_": "models.teacher.load_teacher", "path": str(teacher_path),
+                          "tokenizer": tokenizer},
+              "student": dataclasses.asdict(cfg), "data": {}}
+    torch.save({"state_dict": {f"student.{k}": v for k, v in student.state_dict().items()},
+                "distill": {"config": record, "stage_index": 1}}, out)
+    return out, student.eval()
+
+
+def export_cfg(tmp_path: Path, *overrides: str):
+    return compose_train(list(overrides), tmp_path / "run", tmp_path / "cache", name="export")
+
+
+def staged_module(student_cfg: StudentConfig, stage, total_steps: int):
+    """(DistillModule, student) on the random tiny teacher of tests/models/test_student.py, set to `stage`."""
+    from distill.module import DistillModule
+    from distill.stages import check_fits
+    from models.teacher import FrozenTeacher
+    from tests.models.test_student import make_teacher
+
+    teacher = make_teacher(dtype=torch.float32)
+    student = build_student(teacher, student_cfg)
+    module = DistillModule(FrozenTeacher(teacher), student, torch.optim.AdamW)
+    check_fits(stage, student)
+    module.set_stage(0, stage, total_steps=total_steps)
+    return module, student

@@ -3,7 +3,6 @@ project's packages are not importable, and computes what the training-time stude
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -14,9 +13,8 @@ import pytest
 import torch
 
 from distill.export import export
-from models.student import StudentConfig, build_student
-from models.teacher import load_teacher
-from tests.distill.helpers import ASSETS, REPO, compose_train
+from models.student import StudentConfig
+from tests.distill.helpers import ASSETS, REPO, export_cfg, write_checkpoint
 
 LORAS = dict(w_lora=8, a_lora=8, v_lora=8, g_lora=8)
 STUDENTS = {
@@ -30,28 +28,6 @@ NEW_TOKENS = 100
 # where torch and transformers live (Debian's Pythons name it dist-packages); only these reach the child
 SITE_PACKAGES = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
 PASSED_ENV = ("PATH", "HOME", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_VISIBLE_DEVICES", "TRITON_CACHE_DIR")
-
-
-def write_checkpoint(teacher_path: Path, cfg: StudentConfig, out: Path, seed: int = 0, tokenizer: Path | None = None):
-    """A distill-train-style checkpoint of a student whose new parameters are moved off their init
-    (so every term shows in the outputs); returns (path, the fp32 student)."""
-    tokenizer = None if tokenizer is None else str(tokenizer)
-    teacher, _ = load_teacher(str(teacher_path), tokenizer=tokenizer)
-    student = build_student(teacher, cfg)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in student.new_parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    record = {"teacher": {"_target_": "models.teacher.load_teacher", "path": str(teacher_path),
-                          "tokenizer": tokenizer},
-              "student": dataclasses.asdict(cfg), "data": {}}
-    torch.save({"state_dict": {f"student.{k}": v for k, v in student.state_dict().items()},
-                "distill": {"config": record, "stage_index": 1}}, out)
-    return out, student.eval()
-
-
-def export_cfg(tmp_path: Path, *overrides: str):
-    return compose_train(list(overrides), tmp_path / "run", tmp_path / "cache", name="export")
 
 
 def run_isolated(folders: list[Path], out: Path, **args) -> dict:

@@ -9,18 +9,24 @@ import pytest
 
 from distill.evaluate import evaluate
 from distill.export import export
-from tests.distill.helpers import SHAKESPEARE, compose_train
-from tests.distill.test_export import STUDENTS, export_cfg, write_checkpoint
+from tests.distill.helpers import SHAKESPEARE, compose_train, export_cfg, write_checkpoint
+from tests.distill.test_export import STUDENTS
 
 SUMMARY_KEYS = {"teacher_nll", "student_nll", "teacher_ppl", "student_ppl", "kl", "top1_agreement", "eval_tokens"}
 REPORT_KEYS = {"alignment_errors", "nll_gap_by_position", "long_context", "samples", "continuation", "ckpt", "text"}
 FILES = {"eval.json", "long_context.json", "report.md", "alignment_errors.png", "nll_gap_by_position.png",
          "long_context.png"}
 CONTEXTS = [32, 64, 128]
+ROW = {"tokens": 64, "rss_bytes": 2**29, "ms_per_token": 2.5, "state_bytes": 2**16}
+SUMMARY = {"tokens_first": 64, "tokens_last": 64, "rss_mib_first": 512.0, "rss_mib_last": 512.0,
+           "state_mib_first": 0.0625, "state_mib_last": 0.0625, "ms_per_token_start": 2.5, "ms_per_token_end": 2.5}
+CONSTANT_MEMORY = {"models": {"student": {"rows": [ROW], "summary": SUMMARY}}, "tokens": 64, "every": 64,
+                   "command": "python benchmarks/constant_memory.py --tokens 64", "device": "CPU", "date": "today",
+                   "commit": "abc1234"}
 
 
-def eval_cfg(ckpt: Path, text: Path, run_dir: Path):
-    overrides = [f"ckpt={ckpt}", f"text={text}", "document_separator=null", "seq_len=64", "batch_size=4",
+def eval_cfg(ckpt: Path, text: Path, run_dir: Path, *extra: str):
+    overrides = [*extra, f"ckpt={ckpt}", f"text={text}", "document_separator=null", "seq_len=64", "batch_size=4",
                  "eval_tokens=1024", "max_new_tokens=4", f"report.contexts.cpu={CONTEXTS}", "report.decode_steps=2",
                  "report.sample_tokens=6", "report.num_prompts=2", "report.prompt_tokens=8"]
     return compose_train(overrides, run_dir, run_dir.parent / "cache", name="eval")
@@ -34,7 +40,9 @@ def reports(tiny_teacher, tmp_path_factory):
     text.write_text(SHAKESPEARE.read_text()[-20_000:])
     ckpt, student = write_checkpoint(tiny_teacher, STUDENTS["hybrid"], root / "a.ckpt")
     export(export_cfg(root, f"ckpt={ckpt}", f"out={root / 'folder'}"))
-    return (student, evaluate(eval_cfg(ckpt, text, root / "from_ckpt")),
+    memory = root / "constant_memory.json"
+    memory.write_text(json.dumps(CONSTANT_MEMORY))
+    return (student, evaluate(eval_cfg(ckpt, text, root / "from_ckpt", f"report.constant_memory={memory}")),
             evaluate(eval_cfg(root / "folder", text, root / "from_export")), root)
 
 
@@ -77,3 +85,14 @@ def test_long_context_cost_the_kv_cache_grows_the_state_does_not(reports):
         assert b["teacher"]["state_bytes"] - a["teacher"]["state_bytes"] == grown * per_token * shape.num_layers
         assert b["student"]["state_bytes"] - a["student"]["state_bytes"] == grown * per_token
         assert all(r[m]["seconds_per_token"] > 0 for r in (a, b) for m in ("teacher", "student"))
+
+
+def test_a_constant_memory_json_joins_the_report_only_when_given(reports):
+    _, from_ckpt, from_export, root = reports
+    md = (root / "from_ckpt" / "report.md").read_text()
+    assert (root / "from_ckpt" / "constant_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![constant memory](constant_memory.png)" in md and "`python benchmarks/constant_memory.py --tokens 64`" in md
+    assert "| student (transformers) | 512.0 → 512.0 (64 → 64 tokens) | 0.062 → 0.062 | 2.50 → 2.50 |" in md
+    assert from_ckpt["constant_memory"] == CONSTANT_MEMORY and "constant_memory" not in from_export
+    assert "constant memory" not in (root / "from_export" / "report.md").read_text()
+    assert not (root / "from_export" / "constant_memory.png").exists()
