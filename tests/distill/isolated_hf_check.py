@@ -44,7 +44,7 @@ def check(folder: str, ids: list[list[int]], prompt: str, new_tokens: int, devic
     seen = []  # state bytes after each forward generate() makes
     with torch.no_grad():
         logits = model(ids, use_cache=False).logits
-        state = model(ids).recurrent_state
+        state = model(ids, use_cache=True).recurrent_state  # (a fine-tuned folder may save use_cache=false)
         hook = model.register_forward_hook(lambda m, args, out: seen.append(state_bytes(out.recurrent_state)))
         generated = model.generate(ids[:1, :5], max_new_tokens=new_tokens, do_sample=False)
     hook.remove()

@@ -15,7 +15,8 @@ from torch import nn
 
 from distill.export import export
 from distill.quantize import GROUP_SIZE, check_quantize, weight_config
-from tests.distill.test_export import STUDENTS, export_cfg, run_isolated, write_checkpoint
+from tests.distill.helpers import export_cfg, write_checkpoint
+from tests.distill.test_export import STUDENTS, run_isolated
 
 KINDS = ("int8", "int4")
 NEW_TOKENS = 20
