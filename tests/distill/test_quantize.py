@@ -160,3 +160,19 @@ def test_on_cuda_the_fp32_folder_loads_with_bitsandbytes(folders, bits):
     assert {t.dtype for layer in out.recurrent_state.time_mix for t in layer.values()} == {torch.float32}
     generated = model.generate(ids[:1, :5], max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
     assert generated.shape == (1, 5 + NEW_TOKENS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distill_eval_measures_the_quantized_folder(folders, kind):
+    """from_export + compare_on_batches (distill-eval, benchmarks/edge.py) on a quantized folder: the
+    quantized lm_head goes into linear_kl dequantized; the NLL is the dequantized student's."""
+    from distill.evaluation import compare_on_batches
+    from distill.restore import from_export
+    from models.teacher import FrozenTeacher
+
+    student, ids, made = folders
+    teacher, _, exported, _ = from_export(made[kind][0])
+    batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]
+    got = compare_on_batches(FrozenTeacher(teacher), exported, batches)
+    want = compare_on_batches(FrozenTeacher(teacher), dequantized(student, kind), batches)
+    assert got["eval_tokens"] == 2 * 23 and abs(got["student_nll"] - want["student_nll"]) <= 1e-5
