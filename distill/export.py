@@ -3,6 +3,7 @@
     distill-export ckpt=outputs/<run>/checkpoints/last.ckpt out=exports/my-rwkv           # HF folder
     distill-export ckpt=... out=exports/my-rwkv-native format=rwkv dtype=bf16              # RWKV-7 .pth
     distill-export ckpt=... out=exports/my-rwkv-fla format=fla                             # fla folder
+    distill-export ckpt=... out=exports/my-rwkv-int8 quantize=int8                         # HF, int8 weights
     distill-export ckpt=... out=exports/my-rwkv-onnx format=onnx                           # ONNX step (+int8)
 
 ckpt is a Lightning .ckpt file or a DeepSpeed ZeRO checkpoint directory (consolidated). The teacher
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from distill.cli import CONF_DIR, register_resolvers, run_cli
 from distill.export_hf import hf_tokenizer, write_hf
 from distill.export_native import write_fla, write_rwkv
 from distill.export_onnx import write_onnx
+from distill.quantize import check_quantize, write_quantized
 from distill.restore import from_checkpoint, with_overrides
 
 FORMATS = ("hf", "fla", "rwkv", "onnx")
@@ -38,6 +41,7 @@ def check_choices(cfg: DictConfig) -> None:
         raise ValueError(f"format={cfg.format!r} is not one of {FORMATS}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r} is not one of {tuple(DTYPES)}")
+    check_quantize(cfg.quantize, cfg.format, cfg.dtype)
     if cfg.format == "onnx" and cfg.dtype != "fp32":
         raise ValueError(f"format=onnx writes fp32 (model.onnx) and int8 (model.int8.onnx) graphs; dtype={cfg.dtype!r} "
                          "is not one of them: leave dtype=fp32")
@@ -54,7 +58,7 @@ def provenance(cfg: DictConfig, run: dict[str, Any]) -> dict[str, Any]:
         if teacher.get(key) and Path(teacher[key]).exists():
             teacher[key] = str(Path(teacher[key]).resolve())
     return {"ckpt": str(Path(cfg.ckpt).resolve()), "teacher": teacher, "student": run["student"],
-            "data": run.get("data"), "format": cfg.format, "dtype": cfg.dtype}
+            "data": run.get("data"), "format": cfg.format, "dtype": cfg.dtype, "quantize": cfg.quantize}
 
 
 def write(cfg: DictConfig, out: Path) -> list[str]:
@@ -62,7 +66,11 @@ def write(cfg: DictConfig, out: Path) -> list[str]:
     teacher, tokenizer, student, run = from_checkpoint(cfg.ckpt, cfg.teacher)
     dtype = DTYPES[cfg.dtype]
     if cfg.format == "hf":
-        return write_hf(student, teacher, tokenizer, out, dtype, provenance(cfg, run))
+        if not cfg.quantize:
+            return write_hf(student, teacher, tokenizer, out, dtype, provenance(cfg, run))
+        with tempfile.TemporaryDirectory(dir=out.parent) as fp32:  # transformers quantizes the fp32 folder as it loads it
+            write_hf(student, teacher, tokenizer, Path(fp32), dtype, provenance(cfg, run))
+            return write_quantized(Path(fp32), out, cfg.quantize)
     tokenizer = hf_tokenizer(tokenizer)
     if cfg.format == "rwkv":
         files = write_rwkv(student, out, dtype)
@@ -75,7 +83,7 @@ def write(cfg: DictConfig, out: Path) -> list[str]:
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
-    """Write the export of cfg.ckpt to cfg.out; returns {"out", "format", "dtype", "files"}.
+    """Write the export of cfg.ckpt to cfg.out; returns {"out", "format", "dtype", "quantize", "files"}.
     It is written beside out first and moved in place when complete, so a failed export (or a
     refused one: out not empty without overwrite=true) leaves out as it was."""
     check_choices(cfg)
@@ -94,8 +102,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     elif out.exists():
         out.unlink()
     partial.rename(out)
-    print(f"exported {cfg.ckpt} as format={cfg.format} dtype={cfg.dtype} to {out}: {', '.join(files)}")
-    return {"out": str(out), "format": cfg.format, "dtype": cfg.dtype, "files": files}
+    quantized = f" quantize={cfg.quantize}" if cfg.quantize else ""
+    print(f"exported {cfg.ckpt} as format={cfg.format} dtype={cfg.dtype}{quantized} to {out}: {', '.join(files)}")
+    return {"out": str(out), "format": cfg.format, "dtype": cfg.dtype, "quantize": cfg.quantize, "files": files}
 
 
 register_resolvers()

@@ -44,10 +44,13 @@ class LinearKLResult:
 
 
 def head_weight(head: nn.Linear) -> Tensor:
-    """The weight [V, C] of an output head; linear_kl takes heads without bias."""
+    """The weight [V, C] of an output head; linear_kl takes heads without bias. A quantized head
+    (a torchao tensor subclass: distill-export quantize=...) is dequantized to the matrix its own
+    weight-only forward multiplies by."""
     if head.bias is not None:
         raise ValueError(f"linear_kl takes output heads without bias, got {head} with a bias")
-    return head.weight
+    weight = head.weight
+    return weight if type(weight) in (Tensor, nn.Parameter) else weight.dequantize()
 
 
 @lru_cache(maxsize=None)
