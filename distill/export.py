@@ -73,11 +73,11 @@ def write(cfg: DictConfig, out: Path) -> list[str]:
             return write_quantized(Path(fp32), out, cfg.quantize)
     tokenizer = hf_tokenizer(tokenizer)
     if cfg.format == "rwkv":
-        files = write_rwkv(student, out, dtype)
+        write_rwkv(student, out, dtype)
     elif cfg.format == "onnx":
-        files = write_onnx(student, out)
+        write_onnx(student, out)
     else:
-        files = write_fla(student, tokenizer, out, dtype, teacher.config.max_position_embeddings)
+        write_fla(student, tokenizer, out, dtype, teacher.config.max_position_embeddings)
     tokenizer.save_pretrained(out)
     return sorted(p.name for p in out.iterdir())
 
