@@ -37,18 +37,13 @@ from transformers import AutoTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.generate import HFStep, OnnxStep, prompt_ids  # noqa: E402
+from benchmarks.provenance import git_commit  # noqa: E402
+from distill.generate import HFStep, OnnxStep, prompt_ids, rss_bytes  # noqa: E402
 from distill.report import tensor_bytes  # noqa: E402
 from distill.report_render import plot_constant_memory  # noqa: E402
 from distill.restore import load_teacher  # noqa: E402
 
 MODELS = ("student", "student_onnx", "teacher")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    """This process's resident memory now (Linux: resident pages of /proc/self/statm)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE
 
 
 class TeacherStep:
@@ -119,13 +114,6 @@ def summary(rows: list[dict[str, float]]) -> dict[str, float]:
             "ms_per_token_start": statistics.median(ms[:tenth]), "ms_per_token_end": statistics.median(ms[-tenth:])}
 
 
-def commit() -> str:
-    run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
-    return run.stdout.strip() + ("+dirty" if dirty else "")
-
-
 def python(*args: str, timeout: int = 3600) -> None:
     subprocess.run([sys.executable, *args], cwd=REPO, check=True, timeout=timeout,
                    env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
@@ -137,7 +125,7 @@ def quickstart_checkpoint(work: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    measured_at = commit()  # before the run: the code that measures, not what the tree holds when it ends
+    measured_at = git_commit()  # before the run: the code that measures, not what the tree holds when it ends
     work = Path(tempfile.mkdtemp(prefix="constant_memory."))
     ckpt = Path(args.ckpt) if args.ckpt else quickstart_checkpoint(work)
     hf, onnx = work / "hf", work / "onnx"

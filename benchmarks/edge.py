@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -33,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from benchmarks.provenance import git_commit  # noqa: E402
+from distill.generate import peak_rss_bytes, rss_bytes  # noqa: E402
 
 QUANTIZE = {"fp32": None, "int8": "int8", "int4": "int4"}  # variant -> distill-export quantize=
 BNB = {"bnb8": 8, "bnb4": 4}  # CUDA only: the fp32 folder, quantized by bitsandbytes as it loads
@@ -98,15 +100,7 @@ def nll(folders: dict[str, Path], variants: list[str], args: argparse.Namespace)
 
 
 def rss_mib() -> float:
-    """This process's resident memory now (Linux)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (Linux VmHWM). Not getrusage's ru_maxrss: after fork +
-    exec that keeps the parent's peak (here: the benchmark process holding the teacher)."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
+    return rss_bytes() / 2**20
 
 
 def generate(folder: Path, variant: str, device: str, prompt: str, new_tokens: int, repeats: int) -> dict:
@@ -136,7 +130,7 @@ def generate(folder: Path, variant: str, device: str, prompt: str, new_tokens: i
             times.append(time.perf_counter() - started)
     assert out.shape[1] == ids.shape[1] + new_tokens
     return {"tokens_per_second": new_tokens / min(times), "seconds": times, "new_tokens": new_tokens,
-            "peak_rss_mib": peak_rss_mib(), "rss_before_load_mib": before,
+            "peak_rss_mib": peak_rss_bytes() / 2**20, "rss_before_load_mib": before,
             "rss_after_load_mib": loaded, "rss_after_generate_mib": rss_mib(),
             "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
@@ -154,11 +148,6 @@ def generate_in_child(folder: Path, variant: str, args: argparse.Namespace) -> d
 def disk_bytes(folder: Path) -> dict[str, int]:
     return {"weights_bytes": (folder / "model.safetensors").stat().st_size,
             "folder_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file())}
-
-
-def commit() -> str:
-    result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -212,7 +201,7 @@ def main() -> None:
             rows[variant] |= disk_bytes(folder)
     record = {"ckpt": str(Path(args.ckpt).resolve()), "text": args.text, "seq_len": args.seq_len,
               "device": args.device, "cpu": platform.processor() or platform.machine(),
-              "torch_threads": torch.get_num_threads(), "commit": commit(),
+              "torch_threads": torch.get_num_threads(), "commit": git_commit(),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "prompt": args.prompt, "new_tokens": args.new_tokens, "variants": rows}
     (args.out / "edge.json").write_text(json.dumps(record, indent=2))

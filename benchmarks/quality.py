@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distill.data.stdlib import stdlib_documents  # noqa: E402
+from benchmarks.provenance import git_commit  # noqa: E402
 from distill.stages import Stage  # noqa: E402
 from jobs import fetch_smollm2  # noqa: E402
 
@@ -463,13 +464,6 @@ def write_report(report: dict, runs: list[Run], out: Path, results_file: Path | 
     (out / f"RESULTS.{report['preset']}.md").write_text(markdown(report, runs, links(out)))
     if results_file:
         replace_section(results_file, markdown(report, runs, links(results_file.parent)), report["preset"])
-
-
-def git_commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return (done.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def main(argv: list[str] | None = None) -> None:

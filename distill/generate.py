@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -163,8 +163,16 @@ def pick(logits: Tensor, temperature: float, generator: torch.Generator) -> Tens
     return torch.multinomial((logits / temperature).softmax(-1), 1, generator=generator)[:, 0]
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux: the resident pages of /proc/self/statm)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory (Linux VmHWM). Not getrusage's ru_maxrss: after fork +
+    exec that keeps the parent's peak (e.g. a benchmark process that holds a teacher)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def generate(cfg: GenerateConfig) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -78,9 +78,14 @@ def lightning_strategy(strategy: DictConfig, unused_trainable: bool = False) -> 
     return instantiate(spec, **kwargs)
 
 
-def check_strategy(strategy: DictConfig, optimizer: DictConfig) -> None:
-    """Combinations DeepSpeed would refuse deep inside Trainer.fit, refused here in one line."""
+def check_strategy(strategy: DictConfig, optimizer: DictConfig, lora_stages: Sequence[str] = ()) -> None:
+    """Combinations DeepSpeed would refuse deep inside Trainer.fit (or that would fail at a stage's
+    end), refused here in one line. lora_stages: the names of the stages with LoRA adapters."""
     spec = strategy.lightning
+    if lora_stages and not isinstance(spec, str) and spec.get("stage") == 3:
+        # each rank holds a shard of every weight, and the merge at the stage's end (peft, in place) needs whole ones
+        raise ValueError(f"stages {list(lora_stages)} use lora, which ZeRO-3 (strategy.lightning.stage=3) cannot "
+                         "merge in place; use strategy=ddp or strategy=deepspeed_zero2")
     if strategy.shard_teacher and not is_deepspeed(strategy):
         raise ValueError("strategy.shard_teacher=true shards the teacher with DeepSpeed ZeRO-3 inference; "
                          "use it with strategy=deepspeed_zero2|deepspeed_zero3|deepspeed_zero3_offload")

@@ -99,7 +99,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     accelerator = cfg.trainer.accelerator
     precision = resolve_precision(cfg.trainer.precision, accelerator)
-    parallel.check_strategy(cfg.strategy, cfg.optim)
+    stages = stages_from_config(OmegaConf.to_container(cfg.stages, resolve=True))  # bad stages fail before any load
+    parallel.check_strategy(cfg.strategy, cfg.optim, lora_stages=[s.name for s in stages if s.lora is not None])
     parallel.configure_runtime(cfg.runtime, accelerator)
     resume, checkpoint = find_resume(cfg.ckpt_path, run_dir)
     auto = hybrid.plan(cfg, checkpoint)  # attention_layers=auto:K: all RWKV until the align stage ends
@@ -118,10 +119,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                            check_finite_every_n_steps=cfg.runtime.check_finite_every_n_steps,
                            teacher_sharding=partial(parallel.shard_teacher, precision=precision)
                            if cfg.strategy.shard_teacher else None)
-    stages = stages_from_config(OmegaConf.to_container(cfg.stages, resolve=True))
     for stage in stages:
         check_fits(stage, student)
-    check_lora_strategy(stages, cfg.strategy)
     if resume:
         module.finished_stages = list(checkpoint["distill"]["finished_stages"])
     done = {s["name"] for s in module.finished_stages}
@@ -156,15 +155,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print(summary_table(summary))
     tracking.log_summary(logger or [], summary)
     return summary
-
-
-def check_lora_strategy(stages: list[Stage], strategy: DictConfig) -> None:
-    """LoRA stages under ZeRO-3 are refused: there each rank holds a shard of every weight, and the
-    merge at the stage's end (peft, in place) needs whole ones."""
-    lora = [s.name for s in stages if s.lora is not None]
-    if lora and not isinstance(strategy.lightning, str) and strategy.lightning.get("stage") == 3:
-        raise ValueError(f"stages {lora} use lora, which ZeRO-3 (strategy.lightning.stage=3) cannot merge in "
-                         "place; use strategy=ddp or strategy=deepspeed_zero2")
 
 
 def build_student_from(cfg: DictConfig, teacher: FrozenTeacher):

@@ -80,6 +80,12 @@ def test_strategy_mistakes_are_one_clear_error(tmp_path):
     shard = compose_train(["strategy.shard_teacher=true"], tmp_path, tmp_path)
     with pytest.raises(ValueError, match="shard_teacher.*deepspeed_zero"):
         parallel.check_strategy(shard.strategy, shard.optim)
+    zero3 = compose_train(["strategy=deepspeed_zero3"], tmp_path, tmp_path)
+    with pytest.raises(ValueError, match=r"stages \['kl'\] use lora, which ZeRO-3"):
+        parallel.check_strategy(zero3.strategy, zero3.optim, lora_stages=["kl"])
+    parallel.check_strategy(zero3.strategy, zero3.optim)
+    zero2 = compose_train(["strategy=deepspeed_zero2"], tmp_path, tmp_path)
+    parallel.check_strategy(zero2.strategy, zero2.optim, lora_stages=["kl"])
     with pytest.raises(ValueError, match="runtime.compile='sometimes'"):
         parallel.runtime_choices(OmegaConf.create({"compile": "sometimes", "compile_backend": "inductor",
                                                    "activation_checkpointing": False, "tf32": True}),
