@@ -2,7 +2,7 @@
 the same students trained from scratch, written as JSON, PNG plots and a section of docs/RESULTS.md.
 
     python benchmarks/quality.py --preset cpu --results docs/RESULTS.md   # ~35 min on 2 CPU cores
-    python benchmarks/quality.py --preset gpu --out $OUT                   # ~8 min on one H200
+    python benchmarks/quality.py --preset gpu --jobs 2 --out $OUT          # ~8 min on one H200
     python benchmarks/quality.py --preset cpu --list                       # the runs and their overrides
     python benchmarks/quality.py --render docs/results/gpu/quality.json --results docs/RESULTS.md
 
@@ -171,9 +171,9 @@ def cpu_runs(smollm2: Path) -> list[Run]:
 
 
 def gpu_runs(smollm2: Path) -> list[Run]:
-    # ~36k tokens/s on an H200 (issue 16): 2.25M tokens train in ~65 s; loading, compiling and evaluating
-    # add about as much again per run
-    m = Budget(align=750_000, kl=1_500_000, seq_len=512, batch_size=32, scratch=0, eval_tokens=262_144,
+    # ~36k tokens/s on an H200 (issue 16): 4M tokens train in ~2 min; loading, compiling and evaluating add
+    # about a minute per run. With --jobs 2 the quickstart runs share the GPU with the SmolLM2 ones.
+    m = Budget(align=1_000_000, kl=3_000_000, seq_len=512, batch_size=32, scratch=0, eval_tokens=262_144,
                curve_tokens=65_536)
     smol = ["experiment=smollm2-135m_rad-rwkv7", f"teacher.path={smollm2}", f"data.eval_tokens={m.eval_tokens}"]
     q = Budget(align=200_704, kl=401_408, seq_len=256, batch_size=8, scratch=4_000_000, eval_tokens=65_536,
