@@ -23,7 +23,7 @@ set -o pipefail
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT" /tmp/gguf
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-wheels=$(find .whl -name '*.whl' 2>/dev/null)
+wheels=$(find .whl -type f -name '*.whl' 2>/dev/null)
 if [ -n "$wheels" ]; then
     site=/tmp/site-$(ls -d /tmp/site-* 2>/dev/null | wc -l)
     # shellcheck disable=SC2086
