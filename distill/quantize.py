@@ -73,7 +73,9 @@ def torchao_config(folder: Path, quantize: str) -> TorchAoConfig:
     with torch.device("meta"):  # the shapes only
         model = RWKVDistillForCausalLM(RWKVDistillConfig.from_pretrained(folder))
     head = model.get_output_embeddings()
-    linears = {name: weight_config(quantize, module.in_features, module is head)
+    # keyed by the weight's name, not the module's: a module key also sends the module's bias (Qwen's
+    # q/k/v projections have one) to torchao, which refuses 1-d tensors
+    linears = {f"{name}.weight": weight_config(quantize, module.in_features, module is head)
                for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     return TorchAoConfig(quant_type=FqnToConfig(linears), modules_to_not_convert=[])
 

@@ -22,8 +22,9 @@ ASSETS = Path(os.environ.get("DISTILL_ASSETS", REPO.parent / "shared" / "assets"
 SHAKESPEARE = ASSETS / "text" / "tinyshakespeare.txt"
 
 
-def make_tiny_teacher(out: Path, text: str, seed: int = 0) -> Path:
-    """A random 2-layer GQA Llama and a 384-token byte-level BPE trained on `text`."""
+def make_tiny_teacher(out: Path, text: str, seed: int = 0, model_type: str = "llama") -> Path:
+    """A random 2-layer GQA Llama (or another family: qwen2 has q/k/v biases) and a 384-token
+    byte-level BPE trained on `text`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -37,7 +38,7 @@ def make_tiny_teacher(out: Path, text: str, seed: int = 0) -> Path:
                                   eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
-        "llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        model_type, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=64, vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)

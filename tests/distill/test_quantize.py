@@ -15,7 +15,7 @@ from torch import nn
 
 from distill.export import export
 from distill.quantize import GROUP_SIZE, check_quantize, weight_config
-from tests.distill.helpers import export_cfg, write_checkpoint
+from tests.distill.helpers import export_cfg, make_tiny_teacher, write_checkpoint
 from tests.distill.test_export import STUDENTS, run_isolated
 
 KINDS = ("int8", "int4")
@@ -176,3 +176,25 @@ def test_distill_eval_measures_the_quantized_folder(folders, kind):
     got = compare_on_batches(FrozenTeacher(teacher), exported, batches)
     want = compare_on_batches(FrozenTeacher(teacher), dequantized(student, kind), batches)
     assert got["eval_tokens"] == 2 * 23 and abs(got["student_nll"] - want["student_nll"]) <= 1e-5
+
+
+def test_a_student_with_projection_biases_quantizes(tmp_path, corpus):
+    """A Qwen teacher's q/k/v projections carry biases into the student: the weights are quantized,
+    the biases stay fp32 (torchao refuses 1-d tensors; a 0.5B Qwen-shaped student once failed here)."""
+    from distill.evaluation import compare_on_batches
+    from distill.restore import from_export
+    from models.teacher import FrozenTeacher
+
+    teacher_dir = make_tiny_teacher(tmp_path / "qwen2", corpus.read_text()[:100_000], model_type="qwen2")
+    ckpt, student = write_checkpoint(teacher_dir, STUDENTS["rad_rwkv7"], tmp_path / "a.ckpt")
+    assert student.layers[0].time_mix.v_proj.bias is not None
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]
+    for kind in KINDS:
+        export(export_cfg(tmp_path / kind, f"ckpt={ckpt}", f"out={tmp_path / kind / 'folder'}", f"quantize={kind}"))
+        teacher, _, exported, _ = from_export(tmp_path / kind / "folder")
+        bias = exported.layers[0].time_mix.v_proj.bias
+        assert type(bias) is nn.Parameter and bias.dtype == torch.float32
+        got = compare_on_batches(FrozenTeacher(teacher), exported, batches)
+        want = compare_on_batches(FrozenTeacher(teacher), dequantized(student, kind), batches)
+        assert abs(got["student_nll"] - want["student_nll"]) <= 1e-5
