@@ -48,7 +48,8 @@ def check(folder: str, ids: list[list[int]], prompt: str, new_tokens: int, devic
         hook = model.register_forward_hook(lambda m, args, out: seen.append(state_bytes(out.recurrent_state)))
         generated = model.generate(ids[:1, :5], max_new_tokens=new_tokens, do_sample=False)
     hook.remove()
-    text = pipeline("text-generation", model=model, tokenizer=tokenizer)(
+    # the pipeline would move the model to an accelerator when there is one: keep it where the check put it
+    text = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)(
         prompt, max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     direct = model.generate(prompt_ids, max_new_tokens=8, do_sample=False)
