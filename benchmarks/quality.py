@@ -389,7 +389,8 @@ def table(results: dict[str, dict], runs: list[Run], teacher: str) -> list[str]:
     for run in (r for r in runs if r.teacher == teacher):
         result = results.get(run.name, {})
         if result.get("status") != "done":
-            why = result.get("reason") or f"failed (exit {result.get('returncode')})"
+            why = (result.get("reason") or f"failed (exit {result.get('returncode')})" if result
+                   else "did not finish (the session's time limit stopped it; nothing recorded)")
             lines.append(f"| {run.name} | {run.what} | not run: {why} |" + " |" * (len(head) - 3))
             continue
         s = result["summary"]
