@@ -111,7 +111,9 @@ def wkv_op(name: str, operands: tuple[str, ...], fwd: Callable, bwd: Callable, B
 
     def backward(ctx, do, dht, _dhs, _ddm):
         *xs, hs, dm, cu_seqlens = ctx.saved_tensors
-        dht = None if dht is None else dht.contiguous()
+        # no final state asked for: the placeholder output is empty, and autograd hands back an empty
+        # gradient for it, which is no dS at the end (read as one, the kernel loads past its end)
+        dht = None if dht is None or dht.numel() == 0 else dht.contiguous()
         grads = bwd_op(*xs, do.contiguous(), dht, hs, dm, cu_seqlens, ctx.scale, ctx.has_h0)
         *operand_grads, dh0 = grads
         return (*operand_grads, _or_none(dh0) if ctx.has_h0 else None, None, None, None, None)
