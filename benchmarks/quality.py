@@ -448,16 +448,25 @@ def markdown(report: dict, runs: list[Run], images: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resume(report: dict, earlier_file: Path) -> list[str]:
-    """Copy the finished runs of an earlier quality.json of the same preset into report, noting which
-    command measured each (report["earlier"], for the markdown); returns their names. No file: none."""
+def same_run(result: dict, run: Run) -> bool:
+    """Whether a finished result was trained with this run's overrides (a preset's budget may have changed
+    since; the held-out file's path is the machine's own)."""
+    return all(o in result["command"] for o in run.overrides if "STDLIB_HELDOUT" not in o)
+
+
+def resume(report: dict, earlier_file: Path, grid: list[Run]) -> list[str]:
+    """Copy the finished runs of an earlier quality.json of the same preset that this grid still holds,
+    with the same overrides, into report, noting which command measured each (report["earlier"], for
+    the markdown); returns their names. No file: none."""
     if not earlier_file.is_file():
         return []
     earlier = json.loads(earlier_file.read_text())
     if earlier["preset"] != report["preset"]:
         raise ValueError(f"--resume: {earlier_file} holds preset {earlier['preset']!r}, not {report['preset']!r}; "
                          "give another --out or the same --preset")
-    kept = [name for name, run in earlier["runs"].items() if run.get("status") == "done"]
+    now = {r.name: r for r in grid}
+    kept = [name for name, result in earlier["runs"].items()
+            if result.get("status") == "done" and name in now and same_run(result, now[name])]
     report["runs"].update({name: earlier["runs"][name] for name in kept})
     older = earlier.get("earlier", [])
     by_older = {name for e in older for name in e["runs"]}
@@ -538,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
               "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": {}}
     if args.resume:
-        kept = resume(report, out / "quality.json")
+        kept = resume(report, out / "quality.json", grid)
         runs = [r for r in runs if r.name not in kept]
     shown = [r for r in grid if r.name in report["runs"] or r in runs]  # the grid's order
     lock = threading.Lock()

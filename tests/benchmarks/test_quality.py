@@ -82,3 +82,9 @@ def test_smoke_grid_reports_what_its_runs_wrote(tmp_path):
         out / "RESULTS.smoke.md").read_text()
     with pytest.raises(ValueError, match="holds preset 'smoke', not 'cpu'"):
         quality.main(["--preset", "cpu", "--resume", "--out", str(out), "--work", str(tmp_path / "work")])
+
+
+def test_resume_keeps_only_runs_with_the_same_overrides():
+    run = quality.Run("t.a", "quickstart", "a", quality.Budget(1, 2, 3, 4, 5, 6, 7), ["x=1", "stage_tokens.kl=10"])
+    assert quality.same_run({"command": ["python", "-m", "distill.train", "x=1", "stage_tokens.kl=10", "y=2"]}, run)
+    assert not quality.same_run({"command": ["python", "-m", "distill.train", "x=1", "stage_tokens.kl=20"]}, run)
