@@ -38,6 +38,7 @@ export PYTHONPATH DISTILL_ASSETS=/tmp/assets DISTILL_CACHE=/tmp/cache PYTHONUNBU
     TRITON_CACHE_DIR=/tmp/triton-cache TRITON_CACHE_AUTOTUNING=1
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
 ckpt_of() { ls -t "$1"/checkpoints/stage*-*.ckpt 2>/dev/null | head -1; }
+export -f ckpt_of  # the steps' commands run in their own bash
 for spec in "$@"; do
     step=${spec%%:*}; limit=${spec#*:}; [ "$limit" = "$spec" ] && limit=300
     echo "=== $step (limit ${limit}s) $(date -u +%H:%M:%S)"
@@ -63,7 +64,6 @@ for spec in "$@"; do
         wkv) cmd="python3 benchmarks/wkv.py --out $OUT/wkv.json --shapes 16x512x14x64,32x512x16x64 --budget_s $((limit - 60))" ;;
         *) echo "unknown step $step"; continue ;;
     esac
-    export -f ckpt_of
     timeout "$limit" bash -c "$cmd" 2>&1 | tee "$OUT/$step.log" | tail -n 40
     echo "=== $step: exit ${PIPESTATUS[0]} $(date -u +%H:%M:%S)"
 done

@@ -44,8 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distill.data.stdlib import stdlib_documents  # noqa: E402
 from benchmarks.provenance import git_commit  # noqa: E402
+from distill.data.stdlib import stdlib_documents  # noqa: E402
 from distill.stages import Stage  # noqa: E402
 from jobs import fetch_smollm2  # noqa: E402
 
@@ -390,8 +390,10 @@ def table(results: dict[str, dict], runs: list[Run], teacher: str) -> list[str]:
     for run in (r for r in runs if r.teacher == teacher):
         result = results.get(run.name, {})
         if result.get("status") != "done":
-            why = (result.get("reason") or f"failed (exit {result.get('returncode')})" if result
-                   else "did not finish (the session's time limit stopped it; nothing recorded)")
+            if not result:
+                why = "did not finish (the session's time limit stopped it; nothing recorded)"
+            else:
+                why = result.get("reason") or f"failed (exit {result.get('returncode')})"
             lines.append(f"| {run.name} | {run.what} | not run: {why} |" + " |" * (len(head) - 3))
             continue
         s = result["summary"]
@@ -471,7 +473,8 @@ def resume(report: dict, earlier_file: Path, grid: list[Run]) -> list[str]:
     older = earlier.get("earlier", [])
     by_older = {name for e in older for name in e["runs"]}
     own = {k: earlier[k] for k in ("date", "commit", "command", "device")}
-    report["earlier"] = [{**own, "runs": [n for n in kept if n not in by_older]}] + older
+    entries = [{**own, "runs": [n for n in kept if n not in by_older]}, *older]
+    report["earlier"] = [{**e, "runs": [n for n in e["runs"] if n in kept]} for e in entries]  # only what is kept
     return kept
 
 

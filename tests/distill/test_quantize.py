@@ -162,39 +162,39 @@ def test_on_cuda_the_fp32_folder_loads_with_bitsandbytes(folders, bits):
     assert generated.shape == (1, 5 + NEW_TOKENS)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_distill_eval_measures_the_quantized_folder(folders, kind):
-    """from_export + compare_on_batches (distill-eval, benchmarks/edge.py) on a quantized folder: the
-    quantized lm_head goes into linear_kl dequantized; the NLL is the dequantized student's."""
+def measured_as_dequantized(folder: Path, student: nn.Module, kind: str, ids: torch.Tensor) -> tuple[dict, nn.Module]:
+    """distill-eval's measurement (from_export + compare_on_batches) of a quantized folder on ids [B, T];
+    asserts its NLL is the dequantized student's. Returns (the measurement, the loaded student)."""
     from distill.evaluation import compare_on_batches
     from distill.restore import from_export
     from models.teacher import FrozenTeacher
 
-    student, ids, made = folders
-    teacher, _, exported, _ = from_export(made[kind][0])
+    teacher, _, exported, _ = from_export(folder)
     batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]
     got = compare_on_batches(FrozenTeacher(teacher), exported, batches)
     want = compare_on_batches(FrozenTeacher(teacher), dequantized(student, kind), batches)
-    assert got["eval_tokens"] == 2 * 23 and abs(got["student_nll"] - want["student_nll"]) <= 1e-5
+    assert abs(got["student_nll"] - want["student_nll"]) <= 1e-5
+    return got, exported
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_distill_eval_measures_the_quantized_folder(folders, kind):
+    """from_export + compare_on_batches (distill-eval, benchmarks/edge.py) on a quantized folder: the
+    quantized lm_head goes into linear_kl dequantized; the NLL is the dequantized student's."""
+    student, ids, made = folders
+    got, _ = measured_as_dequantized(made[kind][0], student, kind, ids)
+    assert got["eval_tokens"] == 2 * 23
 
 
 def test_a_student_with_projection_biases_quantizes(tmp_path, corpus):
     """A Qwen teacher's q/k/v projections carry biases into the student: the weights are quantized,
     the biases stay fp32 (torchao refuses 1-d tensors; a 0.5B Qwen-shaped student once failed here)."""
-    from distill.evaluation import compare_on_batches
-    from distill.restore import from_export
-    from models.teacher import FrozenTeacher
-
     teacher_dir = make_tiny_teacher(tmp_path / "qwen2", corpus.read_text()[:100_000], model_type="qwen2")
     ckpt, student = write_checkpoint(teacher_dir, STUDENTS["rad_rwkv7"], tmp_path / "a.ckpt")
     assert student.layers[0].time_mix.v_proj.bias is not None
     ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
-    batches = [{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}]
     for kind in KINDS:
         export(export_cfg(tmp_path / kind, f"ckpt={ckpt}", f"out={tmp_path / kind / 'folder'}", f"quantize={kind}"))
-        teacher, _, exported, _ = from_export(tmp_path / kind / "folder")
+        _, exported = measured_as_dequantized(tmp_path / kind / "folder", student, kind, ids)
         bias = exported.layers[0].time_mix.v_proj.bias
         assert type(bias) is nn.Parameter and bias.dtype == torch.float32
-        got = compare_on_batches(FrozenTeacher(teacher), exported, batches)
-        want = compare_on_batches(FrozenTeacher(teacher), dequantized(student, kind), batches)
-        assert abs(got["student_nll"] - want["student_nll"]) <= 1e-5
