@@ -49,8 +49,7 @@ for spec in "$@"; do
         throughput_fla) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_fla.json --shapes 0.5b --seqs 512 --anchors teacher,fla --steps 10" ;;
         throughput_big) cmd="python3 benchmarks/throughput.py --out $OUT/throughput_1.5b.json --shapes 1.5b --seqs 512,2048 --anchors teacher --steps 10 \
             && python3 benchmarks/throughput.py --out $OUT/throughput_0.5b_2048.json --shapes 0.5b --seqs 2048 --anchors teacher --steps 10" ;;
-        job) cmd="python3 benchmarks/throughput.py --out $OUT/job.json --shapes 0.5b --job-only --job /tmp/job --job-steps 70 \
-            && cp /tmp/job/job.log $OUT/" ;;
+        job) cmd="python3 benchmarks/throughput.py --out $OUT/job.json --shapes 0.5b --job-only --job /tmp/job --job-steps 70" ;;  # its log: copied after the step, also when the limit stops it
         edge_job) cmd="python3 benchmarks/edge.py --ckpt \$(ckpt_of /tmp/job/job) --text stdlib --eval-tokens 65536 \
             --seq-len 512 --device cuda --out /tmp/edge-job && cp /tmp/edge-job/edge.json $OUT/edge_job.json" ;;
         smollm2) cmd="cat /tmp/gguf/part* > /tmp/smollm2.gguf && python3 jobs/fetch_smollm2.py --gguf /tmp/smollm2.gguf" ;;
